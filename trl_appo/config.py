@@ -1,0 +1,299 @@
+"""`APPOConfig`: GRPOConfig plus the APPO fields of APPO_SPEC §1-§5, validated at construction.
+
+Budget: `num_generations` is APPO's M rollouts per prompt, split into N roots (`num_roots`) and N·B branches
+(`num_branches` = B per root), M = N·(1+B). Only the N roots enter the loss; `per_device_train_batch_size` counts
+rollout slots (roots and branches), so each micro-batch trains on `per_device_train_batch_size · N / M` root rows.
+
+Defaults follow the paper where it differs from the public release (APPO_SPEC §5). Every field's help text
+names the spec section and the paper's symbol.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+BRANCH_CRITERIA = ("bs", "entropy", "random", "none")
+BRANCH_SCHEDULES = ("per_update", "per_generation")
+BRANCH_SELECTIONS = ("per_root", "pooled")
+OMEGA_REFERENCES = ("behaviour", "reference")
+FUTURE_KL_FORMS = ("appo", "fipo")
+TOOL_PROTOCOLS = ("tags", "chat")
+
+
+@dataclass
+class APPOConfig(GRPOConfig):
+    r"""
+    Configuration for [`APPOTrainer`]: every [`~trl.GRPOConfig`] field, plus the APPO fields below.
+
+    With `branch_criterion="none"` APPO is exactly GRPO on the same budget (M independent roots per prompt).
+    """
+
+
+    # ----- APPO defaults that differ from GRPOConfig (APPO_SPEC §4, §5) -----
+    num_generations: int | None = field(
+        default=16,
+        metadata={"help": "APPO budget M: rollouts per prompt, roots plus branches (M = N·(1+B)). Paper: 16."},
+    )
+    epsilon_high: float | None = field(
+        default=0.28, metadata={"help": "Upper clip ε_high of the surrogate (APPO_SPEC §4: 0.28)."}
+    )
+    delta: float | None = field(
+        default=3.0,
+        metadata={
+            "help": "Dual-clip constant c (APPO_SPEC §4: 3.0). TRL's `delta` caps the ratio, which for negative "
+            "advantages is exactly PPO dual-clip; tokens with log-ratio > ln c are also excluded from FutureKL."
+        },
+    )
+
+    # ----- budget split (APPO_SPEC notation) -----
+    num_roots: int | None = field(
+        default=None,
+        metadata={"help": "N, root ('initial') rollouts per prompt. Default: M / (1 + B). Paper's best: N=4 of M=16."},
+    )
+    num_branches: int | None = field(
+        default=None,
+        metadata={"help": "B, branch points per root (APPO_SPEC §1). Default 3 (0 with branch_criterion='none')."},
+    )
+    branch_criterion: str = field(
+        default="bs",
+        metadata={
+            "help": "Where to branch (APPO_SPEC §1): 'bs' (Branching Score z(H)·z(Ω)), 'entropy' (z(H) only, "
+            "ARPO-like), 'random' (uniform over candidates, seeded), or 'none' (no branching: M independent roots, "
+            "i.e. GRPO on the same budget)."
+        },
+    )
+    branch_selection: str = field(
+        default="per_root",
+        metadata={
+            "help": "'per_root': top-B points per root (paper). 'pooled': top-N·B points over all roots of a "
+            "prompt (public release)."
+        },
+    )
+    branch_schedule: str = field(
+        default="per_update",
+        metadata={
+            "help": "When branches are generated (APPO_SPEC §2). 'per_update' (paper): before each optimizer step "
+            "with the current weights, so Ω carries the updates so far; needs steps_per_generation > "
+            "gradient_accumulation_steps. 'per_generation' (public release): once, right after the roots."
+        },
+    )
+    omega_reference: str = field(
+        default="behaviour",
+        metadata={
+            "help": "Policy π_ref_Ω that Ω is measured against (APPO_SPEC §1): 'behaviour' (the policy that "
+            "sampled the root) or 'reference' (the frozen reference model; needs beta > 0 or a PEFT model)."
+        },
+    )
+    branch_gamma: float = field(
+        default=1.0, metadata={"help": "γ, discount of the future log-ratio sum inside Ω (APPO_SPEC §1). Default 1.0."}
+    )
+    omega_clip: float = field(
+        default=0.2, metadata={"help": "ε_Ω: Ω is clipped to [1-ε_Ω, 1+ε_Ω] (APPO_SPEC §1). Default 0.2."}
+    )
+    min_branch_tokens: int = field(
+        default=16,
+        metadata={
+            "help": "A token is a branch candidate only if at least this many tokens of max_completion_length "
+            "remain after it (APPO_SPEC §1)."
+        },
+    )
+    branch_min_distance: int = field(
+        default=0, metadata={"help": "Minimum distance in tokens between two branch points of one root (0 = off)."}
+    )
+
+    # ----- credit assignment (APPO_SPEC §3) -----
+    dual_groups: bool = field(
+        default=True,
+        metadata={
+            "help": "Normalise root and branch rewards in separate groups (APPO_SPEC §3). False: one group of M."
+        },
+    )
+    prefix_credit: bool = field(
+        default=True,
+        metadata={"help": "Add the mean advantage of branches sharing token t to root token t (APPO_SPEC §3)."},
+    )
+    procedure_scale: bool = field(
+        default=True,
+        metadata={"help": "Scale per-token advantages by S = mean(1 + λ·BS⁺/max BS⁺·ρ^(s-t)) (APPO_SPEC §3)."},
+    )
+    reward_scale_discount: float = field(
+        default=0.9, metadata={"help": "ρ, distance discount of procedure-level scaling (APPO_SPEC §3). Default 0.9."}
+    )
+    procedure_scale_weight: float = field(
+        default=1.0, metadata={"help": "λ, weight of procedure-level scaling (APPO_SPEC §3). Default 1.0."}
+    )
+
+    # ----- future-aware advantage (APPO_SPEC §4) -----
+    future_kl: bool = field(
+        default=True, metadata={"help": "Apply the future-aware advantage weight at loss time (APPO_SPEC §4)."}
+    )
+    future_kl_form: str = field(
+        default="appo",
+        metadata={"help": "'appo': Ã = A·(1 + b·f). 'fipo': Ã = A·f (APPO_SPEC §4)."},
+    )
+    future_kl_decay: float = field(
+        default=64.0, metadata={"help": "Half-life in tokens of the FutureKL discount, γ_F = 2^(-1/decay). 64."}
+    )
+    future_kl_clip: float = field(default=0.2, metadata={"help": "ε_f, clip of f = exp(FutureKL) (APPO_SPEC §4)."})
+    future_kl_clip_high_only: bool = field(
+        default=True, metadata={"help": "Clip f to [1, 1+ε_f] (True, paper) or [1-ε_f, 1+ε_f] (APPO_SPEC §4)."}
+    )
+    future_kl_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "b in Ã = A·(1 + b·f) (APPO_SPEC §4). Note b=1 with f ≥ 1 doubles every advantage relative "
+            "to plain PPO; the paper's default, kept and documented."
+        },
+    )
+    future_kl_safety_thresh: float = field(
+        default=6.0,
+        metadata={"help": "Where A < 0 and the token ratio exceeds this, f is capped at 1 (APPO_SPEC §4)."},
+    )
+
+    # ----- rollouts and tools (APPO_SPEC §2, §6) -----
+    tool_protocol: str = field(
+        default="chat",
+        metadata={
+            "help": "Tool-call protocol: 'chat' (the chat template's tool calls, as TRL) or 'tags' (the paper's "
+            "<python>/<search> tags with <result> blocks, APPO_SPEC §6)."
+        },
+    )
+    max_tool_calls: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tool-call budget per rollout, counted over the completion only (a branch's prefix included, "
+            "never the prompt). Paper: 3-6. None = unlimited."
+        },
+    )
+    tool_timeout: float = field(default=30.0, metadata={"help": "Seconds before a tool call is abandoned."})
+    max_tool_output_chars: int = field(
+        default=4000, metadata={"help": "Tool output is truncated to this many characters before it is appended."}
+    )
+    branch_in_eval: bool = field(
+        default=False, metadata={"help": "Branch during evaluation too (default: eval samples independent roots)."}
+    )
+    log_branch_trees: bool = field(
+        default=False,
+        metadata={
+            "help": "Write each step's branch trees (root tokens, points, scores, branch rewards) as JSONL to "
+            "<output_dir>/branch_trees/, for `trl-appo inspect` and the branch-point pictures."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._validate_appo()
+
+    # Validation lives in one place so every error names the fix.
+    def _validate_appo(self) -> None:
+        def check_choice(name, value, choices):
+            if value not in choices:
+                raise ValueError(f"{name}={value!r} is not valid; choose one of {list(choices)}.")
+
+        check_choice("branch_criterion", self.branch_criterion, BRANCH_CRITERIA)
+        check_choice("branch_schedule", self.branch_schedule, BRANCH_SCHEDULES)
+        check_choice("branch_selection", self.branch_selection, BRANCH_SELECTIONS)
+        check_choice("omega_reference", self.omega_reference, OMEGA_REFERENCES)
+        check_choice("future_kl_form", self.future_kl_form, FUTURE_KL_FORMS)
+        check_choice("tool_protocol", self.tool_protocol, TOOL_PROTOCOLS)
+
+        M = self.num_generations
+        if self.branch_criterion == "none":
+            if self.num_branches not in (None, 0) or self.num_roots not in (None, M):
+                raise ValueError(
+                    "branch_criterion='none' means M independent roots (GRPO on the same budget), but "
+                    f"num_branches={self.num_branches} / num_roots={self.num_roots} were set. Remove them, or "
+                    "choose a branching criterion ('bs', 'entropy', 'random')."
+                )
+            if self.branch_selection != "per_root" or self.branch_min_distance:
+                raise ValueError(
+                    "branch_criterion='none' does not branch; unset branch_selection / branch_min_distance."
+                )
+            self.num_branches, self.num_roots = 0, M
+        else:
+            if self.num_branches is None:
+                self.num_branches = 3 if self.num_roots is None else M // self.num_roots - 1
+            if self.num_branches < 1:
+                raise ValueError(f"num_branches must be >= 1 when branching (got {self.num_branches}).")
+            if self.num_roots is None:
+                if M % (1 + self.num_branches):
+                    raise ValueError(
+                        f"num_generations (M={M}) must equal num_roots·(1+num_branches); M is not divisible by "
+                        f"1+B={1 + self.num_branches}. Set num_generations to a multiple of {1 + self.num_branches} "
+                        "or set num_roots/num_branches explicitly."
+                    )
+                self.num_roots = M // (1 + self.num_branches)
+            if self.num_roots * (1 + self.num_branches) != M:
+                raise ValueError(
+                    f"num_generations (M={M}) must equal num_roots·(1+num_branches) = {self.num_roots}·"
+                    f"(1+{self.num_branches}) = {self.num_roots * (1 + self.num_branches)}. Set "
+                    f"num_generations={self.num_roots * (1 + self.num_branches)} or change num_roots/num_branches."
+                )
+            if self.num_roots < 2:
+                raise ValueError(
+                    f"num_roots (N={self.num_roots}) must be >= 2: root advantages are normalised within the N "
+                    "roots of a prompt. Increase num_generations or decrease num_branches."
+                )
+
+        # Groups must be whole on each rank: branches are generated from sibling roots locally.
+        local_rows = self.per_device_train_batch_size * self.steps_per_generation
+        if local_rows % M:
+            raise ValueError(
+                f"The generation batch per rank (per_device_train_batch_size·steps_per_generation = "
+                f"{self.per_device_train_batch_size}·{self.steps_per_generation} = {local_rows}) must be a multiple "
+                f"of num_generations (M={M}) so each prompt's rollouts stay on one rank. Increase "
+                "per_device_train_batch_size or steps_per_generation."
+            )
+        N = self.num_roots
+        if (self.per_device_train_batch_size * N) % M:
+            step = M // math.gcd(N, M)
+            raise ValueError(
+                f"Only the N={N} roots of every M={M} rollouts are trained on, so each micro-batch holds "
+                f"per_device_train_batch_size·N/M = {self.per_device_train_batch_size}·{N}/{M} root rows, which must "
+                f"be a whole number. Use a per_device_train_batch_size that is a multiple of {step}."
+            )
+        if self.branch_criterion != "none" and self.branch_schedule == "per_update":
+            if self.steps_per_generation % self.gradient_accumulation_steps:
+                raise ValueError(
+                    "branch_schedule='per_update' branches before each optimizer step, so optimizer steps must not "
+                    f"straddle generation batches: steps_per_generation ({self.steps_per_generation}) must be a "
+                    f"multiple of gradient_accumulation_steps ({self.gradient_accumulation_steps})."
+                )
+            if (self.per_device_train_batch_size * self.gradient_accumulation_steps) % M:
+                raise ValueError(
+                    "branch_schedule='per_update' branches the roots of each optimizer step together, so a prompt's "
+                    f"N roots must fall in one optimizer step: per_device_train_batch_size·gradient_accumulation_steps "
+                    f"({self.per_device_train_batch_size}·{self.gradient_accumulation_steps}) must be a multiple of "
+                    f"M={M}. Increase per_device_train_batch_size, or use branch_schedule='per_generation'."
+                )
+            if self.steps_per_generation <= self.gradient_accumulation_steps and self.num_iterations == 1:
+                warnings.warn(
+                    "branch_schedule='per_update' with one optimizer step per generation batch "
+                    f"(steps_per_generation={self.steps_per_generation} <= gradient_accumulation_steps="
+                    f"{self.gradient_accumulation_steps}, num_iterations=1): the policy never moves between "
+                    "sampling and branching, so Ω is degenerate and branching falls back to entropy. Set "
+                    "steps_per_generation to a multiple of gradient_accumulation_steps > 1 (paper: 6-8 optimizer "
+                    "steps per generation batch) or num_iterations > 1.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        if self.branch_criterion != "none":
+            need = self.min_branch_tokens + 2
+            if self.max_completion_length < need:
+                raise ValueError(
+                    f"max_completion_length={self.max_completion_length} leaves no room to branch: a branch point "
+                    f"needs at least min_branch_tokens={self.min_branch_tokens} tokens of budget after it and a "
+                    f"token before it. Increase max_completion_length to >= {need} or lower min_branch_tokens."
+                )
+        if self.min_branch_tokens < 1:
+            raise ValueError("min_branch_tokens must be >= 1 (a branch must be able to generate something).")
+        if not 0 < self.reward_scale_discount <= 1:
+            raise ValueError(f"reward_scale_discount (ρ) must be in (0, 1], got {self.reward_scale_discount}.")
+        if self.future_kl_decay <= 0:
+            raise ValueError(f"future_kl_decay must be > 0 tokens, got {self.future_kl_decay}.")
+        if self.max_tool_calls is not None and self.max_tool_calls < 0:
+            raise ValueError("max_tool_calls must be >= 0 or None (unlimited).")

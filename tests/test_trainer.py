@@ -1,0 +1,230 @@
+"""APPOTrainer on CPU with the tiny offline model: branching, credit, loss rows, tools, LoRA, resume."""
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+
+from trl_appo import core
+from trl_appo.config import APPOConfig
+from trl_appo.testing import conversational_prompts, encode
+
+QUESTIONS = ["What is 12 + 30?", "Name a river.", "What is 7 * 6?", "Say hi."]
+
+
+def length_reward(completions, **kwargs):
+    """Deterministic, varied reward: depends on the decoded length of the completion."""
+    out = []
+    for c in completions:
+        text = c[-1]["content"] if isinstance(c, list) else c
+        text = text if isinstance(text, str) else str(text)
+        out.append(float(len(text) % 5) / 4.0)
+    return out
+
+
+def make_args(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path),
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        learning_rate=1e-3,
+        per_device_train_batch_size=8,
+        num_generations=8,
+        num_branches=1,  # N = 4 roots, 4 branches
+        max_completion_length=24,
+        min_branch_tokens=4,
+        max_steps=1,
+        branch_schedule="per_generation",
+        seed=0,
+        temperature=1.0,
+    )
+    base.update(kw)
+    return APPOConfig(**base)
+
+
+def make_trainer(model, tokenizer, args, reward=length_reward, **kw):
+    from trl_appo.trainer import APPOTrainer
+
+    ds = Dataset.from_dict({"prompt": conversational_prompts(QUESTIONS * 4)})
+    return APPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tokenizer, **kw)
+
+
+class Recorder:
+    """Wraps a method and records its inputs/outputs."""
+
+    def __init__(self, obj, name):
+        self.calls = []
+        self._orig = getattr(obj, name)
+        setattr(obj, name, self)
+
+    def __call__(self, *args, **kwargs):
+        out = self._orig(*args, **kwargs)
+        self.calls.append((args, kwargs, out))
+        return out
+
+
+def test_branches_share_the_root_prefix_and_only_roots_are_trained(tiny_model, tiny_tokenizer, tmp_path):
+    trainer = make_trainer(tiny_model, tiny_tokenizer, make_args(tmp_path))
+    runs = Recorder(trainer._appo_engine, "run")
+    batches = Recorder(trainer, "_generate_and_score_completions")
+    forwards = Recorder(trainer, "_get_per_token_logps_and_entropies")
+    trainer.train()
+
+    (root_call, branch_call) = runs.calls[0], runs.calls[1]
+    roots = root_call[2]
+    branch_kwargs, branches = branch_call[1], branch_call[2]
+    assert len(roots) == 4  # one prompt per generation batch (8 slots = M), N=4 roots
+    for prefix, branch in zip(branch_kwargs["prefixes"], branches, strict=True):
+        if prefix is None:
+            continue
+        k = len(prefix.completion_ids)
+        assert branch.completion_ids[:k] == prefix.completion_ids
+        assert branch.model_mask[:k] == prefix.model_mask
+        # the prefix really is a root's prefix
+        assert any(r.completion_ids[:k] == prefix.completion_ids for r in roots)
+
+    out = batches.calls[0][2]
+    n_roots = len(roots)
+    assert out["completion_ids"].shape[0] == n_roots  # branch rows never reach the loss
+    assert out["advantages"].shape == out["completion_ids"].shape  # per-token credit
+    # every forward pass (scoring, loss) sees root rows only
+    assert all(call[0][1].shape[0] <= n_roots for call in forwards.calls)
+    logs = {k for entry in trainer.state.log_history for k in entry}
+    for key in ("appo/branch_points_per_root", "appo/omega_degenerate_frac", "appo/branch_reward",
+                "appo/future_kl_weight_mean", "appo/seconds_generate_branches", "appo/branch_decoded_tokens"):
+        assert key in logs, key
+
+
+def test_advantages_equal_core_functions_on_same_rewards(tiny_model, tiny_tokenizer, tmp_path):
+    trainer = make_trainer(tiny_model, tiny_tokenizer, make_args(tmp_path, procedure_scale=False))
+    credit = Recorder(core, "branch_credit")
+    dual = Recorder(core, "dual_group_advantages")
+    try:
+        batches = Recorder(trainer, "_generate_and_score_completions")
+        trainer.train()
+    finally:
+        core.branch_credit, core.dual_group_advantages = credit._orig, dual._orig
+    out = batches.calls[0][2]
+    (root_rw, branch_rw, weights, n, p), dual_kw, (root_adv, branch_adv) = dual.calls[0]
+    # The root half of the dual groups is exactly TRL's GRPO normalisation of the N roots.
+    torch.testing.assert_close(root_adv, out["appo_root_advantages"])
+    # Per-token advantage = Â_i + mean of Â_b over branches that share token t (procedure scaling off).
+    args, kw, expected = credit.calls[0]
+    order = torch.argsort(out["appo_group"], stable=True)
+    torch.testing.assert_close(out["advantages"][order], expected)
+    roots, points = args[2], args[3]
+    for b in range(len(roots)):
+        r, s = int(roots[b]), int(points[b])
+        if s > 0:
+            mask = args[5][r]
+            t = int(mask.nonzero()[0])
+            if t <= s:
+                assert abs(float(expected[r, t]) - float(args[0][r] + torch.stack(
+                    [args[1][j] for j in range(len(roots)) if int(roots[j]) == r and int(points[j]) >= t]
+                ).mean())) < 1e-5
+
+
+def test_criterion_none_reproduces_grpo_advantages(tiny_tokenizer, tmp_path):
+    from trl import GRPOConfig, GRPOTrainer
+
+    from trl_appo.testing import build_tiny_model
+
+    common = dict(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to="none", save_strategy="no",
+                  per_device_train_batch_size=8, num_generations=8, max_completion_length=16, max_steps=1, seed=3,
+                  learning_rate=1e-3)
+    ds = Dataset.from_dict({"prompt": conversational_prompts(QUESTIONS * 4)})
+    results = []
+    for cls, cfg in ((GRPOTrainer, GRPOConfig(**common)), (None, APPOConfig(branch_criterion="none", **common))):
+        if cls is None:
+            from trl_appo.trainer import APPOTrainer as cls
+        trainer = cls(model=build_tiny_model(tiny_tokenizer), reward_funcs=length_reward, args=cfg,
+                      train_dataset=ds, processing_class=tiny_tokenizer)
+        rec = Recorder(trainer, "_generate_and_score_completions")
+        trainer.train()
+        results.append(rec.calls[0][2])
+    grpo, appo = results
+    torch.testing.assert_close(appo["completion_ids"], grpo["completion_ids"])
+    torch.testing.assert_close(appo["advantages"], grpo["advantages"], rtol=0, atol=0)
+
+
+def test_per_update_branches_each_optimizer_step_with_moving_policy(tiny_model, tiny_tokenizer, tmp_path):
+    args = make_args(tmp_path, branch_schedule="per_update", steps_per_generation=4, gradient_accumulation_steps=1,
+                     per_device_train_batch_size=8, max_steps=4, learning_rate=5e-3)
+    trainer = make_trainer(tiny_model, tiny_tokenizer, args)
+    branch = Recorder(trainer, "_branch_and_credit")
+    trainer.train()
+    assert len(branch.calls) == 4  # once per optimizer step, not once per generation batch
+    degenerate = [e["appo/omega_degenerate_frac"] for e in trainer.state.log_history
+                  if "appo/omega_degenerate_frac" in e]
+    assert degenerate[0] == 1.0  # first step after generation: π_θ = π_old
+    assert min(degenerate[1:]) < 1.0  # later steps: Ω carries the updates
+
+
+def test_lora_changes_only_adapter_weights(tiny_model, tiny_tokenizer, tmp_path):
+    from peft import LoraConfig
+
+    base = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    trainer = make_trainer(
+        tiny_model, tiny_tokenizer, make_args(tmp_path, max_steps=2, learning_rate=5e-2),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    trainer.train()
+    changed_lora = 0
+    for name, p in trainer.model.named_parameters():
+        if "lora_" in name:
+            changed_lora += 1
+        else:
+            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            torch.testing.assert_close(p.detach(), base[key], msg=f"{name} changed")
+    assert changed_lora > 0
+    lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b)  # adapters trained (B starts at zero)
+
+
+def _scripted_tag_generation(tokenizer):
+    """Fake backend for the tag protocol: call python once, then answer; branches may call it again."""
+
+    def generate(contexts, images, multimodal_fields, num_generations, has_tool_images=False):
+        outs = []
+        for ctx in contexts:
+            text = tokenizer.decode(ctx)
+            completion = text.split("<|im_start|>assistant\n")[-1]
+            if "<result>" not in completion:
+                outs.append(encode(tokenizer, " think <python>print(6*7)</python>"))
+            else:
+                outs.append(encode(tokenizer, "<answer>\\boxed{42}</answer>") + [tokenizer.eos_token_id])
+        return outs, None
+
+    return generate
+
+
+def test_tools_branch_inside_and_after_calls_and_branches_call_tools(tiny_model, tiny_tokenizer, tmp_path):
+    from trl_appo.tools import PythonTool
+
+    args = make_args(tmp_path, tool_protocol="tags", max_completion_length=64, min_branch_tokens=2,
+                     branch_criterion="random", num_branches=3, max_tool_calls=4)
+    trainer = make_trainer(tiny_model, tiny_tokenizer, args, tools=[PythonTool(timeout=10)])
+    trainer._generate_single_turn = _scripted_tag_generation(tiny_tokenizer)
+    runs = Recorder(trainer._appo_engine, "run")
+    trainer.train()
+    roots, branches = runs.calls[0][2], runs.calls[1][2]
+    assert all(r.tool_stats.calls == 1 for r in roots)
+    assert all("42" in r.text for r in roots)
+    prefixes = runs.calls[1][1]["prefixes"]
+    before_result = [b for b, p in zip(branches, prefixes, strict=True)
+                     if p is not None and "<result>" not in tiny_tokenizer.decode(p.completion_ids)]
+    after_result = [b for b, p in zip(branches, prefixes, strict=True)
+                    if p is not None and "<result>" in tiny_tokenizer.decode(p.completion_ids)]
+    assert before_result and after_result  # points fell before and after the tool call
+    # a branch cut before its root's call still calls the tool itself (its budget counts only its completion)
+    assert all(b.tool_stats.calls >= 1 and "<result>" in b.text for b in before_result)
+    # tool output is masked in every branch
+    for b in branches:
+        text_ids = b.completion_ids
+        res = encode(tiny_tokenizer, "<result>")[0]
+        if res in text_ids:
+            assert b.model_mask[text_ids.index(res)] == 0

@@ -1,0 +1,143 @@
+"""PythonTool: notebook-style output, sessions, and containment of hostile code (the machine stays unharmed)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+
+from trl_appo.tools import PythonTool, ToolCall, ToolRegistry
+
+IS_ROOT = os.geteuid() == 0
+SANDBOX_UID = 65534
+
+
+@pytest.fixture(scope="module")
+def py():
+    return PythonTool(timeout=5.0, max_processes=32, max_output_chars=2000)
+
+
+def test_final_expression_is_printed(py):
+    assert py.run("x = 6\nx * 7").text == "42"
+    assert py.run("print('a')\nNone").text == "a"  # None is not printed
+    assert py.run("import math\nmath.factorial(5)").text == "120"
+
+
+def test_errors_show_a_clean_traceback(py):
+    r = py.run("def f():\n    return 1 / 0\nf()")
+    assert r.failed and r.returncode == 1
+    assert 'File "<cell>", line 2, in f' in r.text and r.text.endswith("ZeroDivisionError: division by zero")
+    assert "_BOOTSTRAP" not in r.text and "exec(" not in r.text
+    assert "SyntaxError" in py.run("def f(:").text
+
+
+def test_stateless_by_default_and_persistent_sessions_replay():
+    stateless = PythonTool(timeout=5.0)
+    registry = ToolRegistry([stateless])
+    registry.execute(ToolCall("python", {"code": "x = 1"}), session="s")
+    assert "NameError" in registry.execute(ToolCall("python", {"code": "x"}), session="s").content
+
+    session = PythonTool(timeout=5.0, persistent=True)
+    registry = ToolRegistry([session])
+    assert registry.execute(ToolCall("python", "x = 20\nprint('set')"), session="a").content == "set"
+    registry.execute(ToolCall("python", "1 / 0"), session="a")  # failed cells are not replayed
+    assert registry.execute(ToolCall("python", "x + 22"), session="a").content == "42"  # replay is silent
+    assert "NameError" in registry.execute(ToolCall("python", "x"), session="b").content  # other rollout
+    registry.prime("c", [ToolCall("python", "y = 5")])  # a branch inherits its prefix's cells
+    assert registry.execute(ToolCall("python", "y * 2"), session="c").content == "10"
+    registry.close_session("a")
+    assert "NameError" in registry.execute(ToolCall("python", "x"), session="a").content
+
+
+def test_empty_code_is_an_error_the_model_sees(py):
+    result = ToolRegistry([py]).execute(ToolCall("python", {"code": "  \n"}))
+    assert result.failed and result.content == "Error: empty code: nothing to run."
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="privilege drop needs root")
+def test_runs_unprivileged_in_a_throwaway_directory(py):
+    out = py.run("import os\nprint(os.getuid(), os.getgid(), os.getgroups())\nprint(os.getcwd() == "
+                 "os.environ['HOME'] == os.environ['TMPDIR'])\nopen('f.txt', 'w').write('ok')\nopen('f.txt').read()")
+    assert out.text.splitlines() == [f"{SANDBOX_UID} {SANDBOX_UID} []", "True", "'ok'"]
+
+
+@pytest.mark.parametrize("path", ["/appo_sandbox_escape", "/root/appo_sandbox_escape", os.path.abspath(__file__)])
+def test_writing_outside_its_directory_fails(py, path):
+    if not IS_ROOT and path != "/appo_sandbox_escape":
+        pytest.skip("without root the sandbox keeps this user's write permissions")
+    r = py.run(f"open({path!r}, 'a').write('x')")
+    assert r.failed and "PermissionError" in r.text
+    assert not os.path.exists("/appo_sandbox_escape") and not os.path.exists("/root/appo_sandbox_escape")
+
+
+def test_network_is_unreachable(py):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    try:
+        r = py.run(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('connected')")
+    finally:
+        server.close()
+    assert r.failed and "connected" not in r.text and "Error" in r.text
+
+
+def test_memory_limit(py):
+    r = py.run("x = bytearray(10 * 1024**3)\nprint('allocated')")
+    assert r.failed and "MemoryError" in r.text and "allocated" not in r.text
+
+
+def test_sleep_forever_is_killed_at_the_wall_timeout():
+    r = PythonTool(timeout=1.0).run("import time\ntime.sleep(10**6)")
+    assert r.timed_out and r.failed and "exceeded the 1 s time limit" in r.text
+    assert r.seconds < 3
+
+
+def test_output_flood_is_read_incrementally_and_killed(py):
+    r = py.run("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)")
+    assert r.flooded and r.failed
+    assert len(r.text) < 2500 and "output truncated" in r.text and "output exceeded" in r.text
+
+
+def test_file_size_limit():
+    r = PythonTool(timeout=5.0, max_file_size_mb=1).run("open('big', 'wb').write(b'x' * (2 << 20))")
+    assert r.failed and "File too large" in r.text
+
+
+def _sandbox_processes() -> list[str]:
+    """Live (non-zombie) processes of the sandbox user."""
+    out = subprocess.run(["ps", "-u", str(SANDBOX_UID), "-o", "stat=,pid=,cmd="], capture_output=True, text=True)
+    return [line for line in out.stdout.splitlines() if line.strip() and not line.strip().startswith("Z")]
+
+
+def _wait_for_no_sandbox_processes(deadline_s: float = 5.0) -> list[str]:
+    deadline = time.monotonic() + deadline_s
+    while (left := _sandbox_processes()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="RLIMIT_NPROC only binds an unprivileged user; needs root to drop to it")
+def test_fork_bomb_is_contained():
+    bomb = PythonTool(timeout=1.5, max_processes=32)
+    r = bomb.run("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass")
+    assert r.failed and r.timed_out
+    assert _wait_for_no_sandbox_processes() == []
+    assert bomb.run("print('still alive')").text == "still alive"  # the machine can still spawn processes
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="PID namespace needs root")
+def test_background_processes_die_with_the_call(py):
+    code = (
+        "import os, subprocess\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()  # escapes the process group, not the PID namespace\n"
+        "    subprocess.Popen(['sleep', '300'])\n"
+        "    os._exit(0)\n"
+        "print('parent done')"
+    )
+    assert py.run(code).text == "parent done"
+    assert _wait_for_no_sandbox_processes() == []

@@ -91,7 +91,7 @@ def parse_pages(text: str) -> list[SearchHit]:
 
 
 class BM25Index:
-    """BM25Okapi over documents; `search` returns the top-k hits with a positive score."""
+    """BM25Okapi over documents; `search` returns the top-k documents sharing a word with the query."""
 
     def __init__(self, documents: Sequence[SearchHit]):
         from rank_bm25 import BM25Okapi
@@ -100,20 +100,25 @@ class BM25Index:
             raise ValueError("BM25Index needs at least one document")
         self.documents = list(documents)
         # Title words count as document words: short factual snippets often name their subject only there.
-        self._bm25 = BM25Okapi([tokenize(f"{d.title} {d.text}") or ["_"] for d in self.documents])
+        corpus = [tokenize(f"{d.title} {d.text}") or ["_"] for d in self.documents]
+        self._bm25 = BM25Okapi(corpus)
+        self._vocab = [frozenset(tokens) for tokens in corpus]
 
     def search(self, query: str, top_k: int) -> list[SearchHit]:
         tokens = tokenize(query)
         if not tokens:
             return []
         scores = self._bm25.get_scores(tokens)
-        order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:top_k]
-        hits = []
-        for i in order:
-            if scores[i] > 0:  # a zero score means no query word occurs in the document
-                d = self.documents[i]
-                hits.append(SearchHit(d.text, d.title, d.id, d.url, float(scores[i])))
-        return hits
+        # Candidates share a word with the query (not score > 0: BM25Okapi's idf is 0 for a word found in
+        # half of the documents, so a tiny corpus would otherwise return nothing).
+        query_set = set(tokens)
+        candidates = [i for i in range(len(scores)) if query_set & self._vocab[i]]
+        order = sorted(candidates, key=lambda i: (-scores[i], i))[:top_k]
+        return [self._hit(i, scores[i]) for i in order]
+
+    def _hit(self, i: int, score: float) -> SearchHit:
+        d = self.documents[i]
+        return SearchHit(d.text, d.title, d.id, d.url, float(score))
 
 
 def load_documents(
@@ -333,7 +338,7 @@ class SearchTool(Tool):
 
     def hits(self, query: str) -> list[SearchHit]:
         """Top-k hits for `query`, from the cache when present."""
-        key = SearchCache.key(self.backend.name, query, self.top_k) if self.cache else ""
+        key = SearchCache.key(self.backend.name, query, self.top_k)
         if self.cache is not None:
             cached = self.cache.get(key)
             if cached is not None:

@@ -176,10 +176,16 @@ def test_evaluate_builds_an_engine_and_accepts_other_scores(tiny_tokenizer):
     pytest.importorskip("trl_appo.rollout.engine")
     from trl_appo.tools.base import Tool
 
+    async def async_format_f1(**kwargs):  # TRL allows async reward functions
+        return format_f1_reward(**kwargs)
+
     rows = [_row(347, 29, "tiny_arith"), _row(11, 11, "tiny_arith")]
     policy = ScriptedPolicy(tiny_tokenizer, correct={"347*29": 1, "11*11": 0})
     result = evaluate(rows, generate_fn=policy, tokenizer=tiny_tokenizer, tools=[Tool(fake_python, name="python")],
                       n=2, score_fn=format_f1_reward, correct_fn=lambda score: score > 0.5, keep_text=False)
+    async_result = evaluate(rows, generate_fn=policy, tokenizer=tiny_tokenizer, tools=[Tool(fake_python, name="python")],
+                            n=2, score_fn=async_format_f1)
+    assert async_result.pass_at(1) == pytest.approx(0.25)
     assert result.pass_at(1) == pytest.approx(0.25)
     assert result.pass_at(1, "tiny_arith") == pytest.approx(0.25)
     assert result.settings["score_fn"] == "format_f1_reward" and result.settings["threshold"] is None

@@ -96,6 +96,22 @@ def test_extract_answer_reads_multi_message_completions():
     assert check_format(rewards.completion_to_text(completion)) == (True, "ok")
 
 
+def test_chat_template_tool_calls_read_as_tags():
+    completion = [
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "search", "arguments": {"query": "capital of France"}}}]},
+        {"role": "tool", "name": "search", "content": "Paris is the capital </python>"},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "python", "arguments": '{"code": "print(1)"}'}}]},
+        {"role": "tool", "name": "python", "content": "1"},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "name": "weather", "content": "<answer>sunny</answer>"},
+        {"role": "assistant", "content": "<answer>\\boxed{Paris}</answer>"},
+    ]
+    text = rewards.completion_to_text(completion)
+    assert "<search>capital of France</search> <result>" in text and "<python>print(1)</python>" in text
+    assert "weather" not in text and "sunny" not in text
+    assert format_f1_reward(completions=[completion], ground_truth=["Paris"]) == [pytest.approx(1.1)]
+
+
 def test_token_f1_squad_normalisation():
     assert token_f1("The Eiffel Tower!", "eiffel tower") == 1.0
     assert token_f1("Eiffel", "Eiffel Tower") == pytest.approx(2 / 3)

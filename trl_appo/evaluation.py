@@ -17,6 +17,8 @@ table and save as JSON.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -234,7 +236,9 @@ def evaluate(
         engine: a ``RolloutEngine``; else one is built from ``generate_fn``, ``tokenizer``, ``protocol``
             (default ``TagProtocol(tokenizer)``), ``tools``, ``max_completion_length`` and ``max_tool_calls``.
         n: samples per prompt. ks: the k of Pass@k to report (each ``<= n``; 1 is always reported).
-        score_fn: a TRL-signature reward function; it receives every dataset column as kwargs, like in TRL.
+        score_fn: a TRL-signature reward function (sync or async); it receives every dataset column as kwargs,
+            like in TRL. Default :func:`~trl_appo.rewards.answer_type_reward` (math equivalence / choice letter /
+            F1), so with ``threshold=1.0`` a QA rollout is correct only at token F1 1.0.
         threshold / correct_fn: a rollout is correct when ``correct_fn(score)`` (default ``score >= threshold``).
         batch_size: prompts per ``engine.run`` call (each run holds ``batch_size * n`` rollouts).
         temperature, top_p, max_new_tokens, model_name, extra_settings: recorded in the results' settings
@@ -279,6 +283,8 @@ def evaluate(
             completion_ids=[r.completion_ids for r in rollouts],
             **columns,
         )
+        if inspect.isawaitable(scores):  # async reward functions, as TRL allows
+            scores = asyncio.run(scores)
         for j, (row, rollout, score) in enumerate(zip(expanded, rollouts, scores)):
             score = None if score is None or (isinstance(score, float) and math.isnan(score)) else float(score)
             sample = {

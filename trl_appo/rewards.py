@@ -33,12 +33,13 @@ Deviations from the public ARPO release, on purpose:
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import string
 import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ _CHOICE_PRED_RE = re.compile(r"^\s*(?:\\text\{)?\(?([A-Za-z])\)?(?:\}|[.:)\s]|$)
 _NUMBER_RE = re.compile(r"^\s*\$?\s*[-+]?(?:\d[\d,]*)?\.?\d+\s*(?:\\?%)?\s*\$?\s*$")
 _LATEX_MATH_RE = re.compile(r"\\(?:d?frac|sqrt|pi|cdot|times|infty|pm|circ|log|ln|sin|cos|tan|binom)\b|\^|_\{")
 
+_PUNCTUATION = frozenset(string.punctuation)
 _WARNED: set[str] = set()
 
 
@@ -86,13 +88,32 @@ def _warn_once(key: str, message: str) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def completion_to_text(completion: str | Sequence[dict[str, Any]]) -> str:
+def _tool_call_tag(call: Mapping[str, Any]) -> str | None:
+    """A chat-template tool call to ``python``/``search`` as the tag protocol's ``<name>body</name>``."""
+    function = call.get("function", call)
+    name = function.get("name")
+    if name not in TOOL_TAGS:
+        return None
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            pass
+    if isinstance(arguments, Mapping) and len(arguments) == 1 and isinstance(next(iter(arguments.values())), str):
+        arguments = next(iter(arguments.values()))
+    body = arguments if isinstance(arguments, str) else json.dumps(arguments)
+    return f"<{name}>{body}</{name}>"
+
+
+def completion_to_text(completion: str | Sequence[Mapping[str, Any]]) -> str:
     """The completion as one tag-protocol string.
 
     A standard completion is returned as is. A conversational one is the concatenation of its messages'
-    contents; a ``tool`` message whose content is not already a ``<result>`` block is wrapped as
-    `` <result>\\n…\\n</result>`` (what the tag protocol's environment appends), so both the engine's
-    single-message and multi-message renderings score the same.
+    contents, so the engine's single-message tag-protocol completions read unchanged, and chat-template
+    completions read as the tag protocol: an assistant ``tool_calls`` entry for ``python``/``search`` becomes
+    ``<python>code</python>`` / ``<search>query</search>``, and a ``tool`` message becomes
+    `` <result>\n…\n</result>`` (unless it already is one). Calls to, and output of, other tools are left out.
     """
     if isinstance(completion, str):
         return completion
@@ -100,10 +121,16 @@ def completion_to_text(completion: str | Sequence[dict[str, Any]]) -> str:
     for message in completion:
         content = message.get("content") or ""
         if not isinstance(content, str):  # multimodal content blocks
-            content = "".join(block.get("text", "") for block in content if isinstance(block, dict))
-        if message.get("role") == "tool" and not content.lstrip().startswith("<result>"):
-            content = f" <result>\n{content}\n</result>"
+            content = "".join(block.get("text", "") for block in content if isinstance(block, Mapping))
+        if message.get("role") == "tool":
+            if message.get("name") not in (None, *TOOL_TAGS):
+                continue
+            if not content.lstrip().startswith("<result>"):
+                content = f" <result>\n{content}\n</result>"
+            parts.append(content)
+            continue
         parts.append(content)
+        parts.extend(tag for call in message.get("tool_calls") or [] if (tag := _tool_call_tag(call)) is not None)
     return "".join(parts)
 
 
@@ -186,7 +213,7 @@ def extract_answer(completion: str | Sequence[dict[str, Any]]) -> str:
 def normalize_answer(s: str) -> str:
     """SQuAD normalisation: lower-case, drop punctuation and the articles a/an/the, collapse whitespace."""
     s = s.lower()
-    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = "".join(ch for ch in s if ch not in _PUNCTUATION)
     s = re.sub(r"\b(a|an|the)\b", " ", s)
     return " ".join(s.split())
 

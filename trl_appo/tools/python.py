@@ -28,6 +28,10 @@ since it counts the user's processes); network isolation tries an unprivileged u
 guard that makes `socket.socket` raise. That guard is best effort, not a security boundary: run untrusted
 code as root-in-a-container or in a VM. `PythonTool.isolation` reports what was achieved.
 
+Interpreter: the child runs this interpreter, unless the sandbox user cannot read its standard library (a
+pyenv Python under /root); then the system `python3.X` of the same minor version runs, with this
+environment's site-packages on its path (`_sandbox_interpreter`).
+
 Persistent sessions (`persistent=True`): a "session" is one rollout. Instead of a long-lived worker (which
 would have to be forked for branches and could leak state across rollouts), each call **replays** the
 session's earlier successful cells with their output suppressed, then runs the new cell. This keeps calls

@@ -169,9 +169,18 @@ def _text_colour(rgb: tuple[int, int, int]) -> str:
     return "#000" if luminance > 140 else "#fff"
 
 
+def _token_texts(record: Mapping[str, Any]) -> list[str]:
+    """Per-token display text: the decoded text, or the raw BPE token where decoding one token alone gives a
+    replacement character (a multi-byte character split across tokens)."""
+    raw = [str(t) for t in record["tokens"]]
+    decoded = record.get("token_text") or raw
+    return [r if "\ufffd" in str(d) else str(d) for d, r in zip(decoded, raw, strict=True)]
+
+
 def _display(text: str) -> str:
-    """Token text made visible: newlines as ↵ (plus the line break), tabs as →."""
-    return text.replace("\t", "→").replace("\r", "").replace("\n", "↵\n")
+    """Token text made visible: newlines as ↵ (plus the line break), tabs as →, other control characters as ·."""
+    text = text.replace("\t", "→").replace("\r", "").replace("\n", "↵\n")
+    return "".join("·" if (ord(ch) < 32 and ch != "\n") or 0x7F <= ord(ch) < 0xA0 else ch for ch in text)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -231,7 +240,7 @@ def render_trajectory_html(
     n = _check_record(record, values)
     vals = [float(v) for v in (values if values is not None else record["bs"])]
     mask = [int(m) for m in record["model_mask"]]
-    texts = record.get("token_text") or record["tokens"]
+    texts = _token_texts(record)
     lim = _symmetric_limit(vals, mask, vmax)
     colour = _colormap(cmap)
     ranks = branch_ranks(record)
@@ -376,7 +385,7 @@ def render_trajectory_png(
     n = _check_record(record, values)
     vals = [float(v) for v in (values if values is not None else record["bs"])]
     mask = [int(m) for m in record["model_mask"]]
-    texts = [str(t) for t in (record.get("token_text") or record["tokens"])]
+    texts = _token_texts(record)
     lim = _symmetric_limit(vals, mask, vmax)
     cm = matplotlib.colormaps[cmap]
     norm = Normalize(-lim, lim)
@@ -386,7 +395,7 @@ def render_trajectory_png(
     shown = n if max_tokens is None else min(n, max_tokens)
     boxes, x, line = [], 0, 0
     for i in range(shown):
-        label = texts[i].replace("\n", "↵").replace("\t", "→") or "∅"
+        label = _display(texts[i]).replace("\n", "") or "∅"
         width = max(1, len(label))
         if x + width > chars_per_line and x > 0:
             x, line = 0, line + 1
@@ -397,7 +406,10 @@ def render_trajectory_png(
     lines = (boxes[-1][2] + 1) if boxes else 1
 
     token_height = 0.28 * lines + 0.6
-    fig = _new_figure((max(8.0, chars_per_line * 0.07), token_height + 3.2))
+    fig_width = max(8.0, chars_per_line * 0.07)
+    # Monospace glyphs are ~0.6 em wide; size the font so one character fills one grid cell of the axes (~88%).
+    fontsize = min(8.0, 0.88 * fig_width * 72 / (chars_per_line + 2) / 0.62)
+    fig = _new_figure((fig_width, token_height + 3.2))
     grid = fig.add_gridspec(3, 1, height_ratios=[token_height, 0.12, 2.6])
     ax_tok = fig.add_subplot(grid[0])
     ax_bar = fig.add_subplot(grid[1])
@@ -414,7 +426,7 @@ def render_trajectory_png(
         branch = i in ranks
         ax_tok.add_patch(Rectangle((bx, y + 0.08), width, 0.84, facecolor=face,
                                    edgecolor="black" if branch else "none", linewidth=1.8 if branch else 0))
-        ax_tok.text(bx + width / 2, y + 0.5, label, ha="center", va="center", fontsize=7, family="monospace",
+        ax_tok.text(bx + width / 2, y + 0.5, label, ha="center", va="center", fontsize=fontsize, family="monospace",
                     color=text_colour, style="normal" if mask[i] else "italic")
         if branch:
             ax_tok.text(bx + width, y + 0.95, ",".join(str(r) for r, _ in ranks[i]), ha="left", va="bottom",

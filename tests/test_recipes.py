@@ -125,6 +125,16 @@ def test_command_line_overrides_the_yaml(script, tmp_path):
     assert s.tools == ["python", "search"] and m.model_name_or_path == "tiny"
 
 
+def test_baseline_and_ablation_overrides_from_docs(script, tmp_path):
+    base = ["--config", str(RECIPES / "qwen2.5-7b-instruct" / "qlora.yaml"), "--bf16", "false", "--use_cpu", "true",
+            "--output_dir", str(tmp_path)]
+    _, grpo, _ = script.parse_args(base + ["--branch_criterion", "none", "--num_roots", "16", "--num_branches", "0"])
+    assert (grpo.num_roots, grpo.num_branches, grpo.num_generations) == (16, 0, 16)
+    _, ablation, _ = script.parse_args(base + ["--branch_criterion", "entropy", "--dual_groups", "false",
+                                               "--future_kl", "false", "--procedure_scale", "false"])
+    assert ablation.branch_criterion == "entropy" and not (ablation.dual_groups or ablation.future_kl)
+
+
 def test_unknown_yaml_key_and_bad_names_fail(script, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text((RECIPES / "cpu" / "demo.yaml").read_text() + "\nnum_brances: 2\n")

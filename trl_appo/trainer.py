@@ -148,6 +148,7 @@ class APPOTrainer(GRPOTrainer):
         self._appo_whitespace = None
         self._appo_generator = torch.Generator().manual_seed(args.seed)
         self._appo_branch_step = 0
+        self._appo_sampled_at_step = 0
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="You are using 'rollout_func'")
@@ -336,6 +337,7 @@ class APPOTrainer(GRPOTrainer):
         out["appo_root_advantages"] = out["advantages"]
         out["appo_group"] = torch.arange(R, device=out["advantages"].device) // N
         out["appo_inputs"] = [copy.copy(row) for row in root_inputs]
+        self._appo_sampled_at_step = self.state.global_step
         if args.branch_schedule == "per_generation" or not self.model.training:
             self._branch_and_credit(out)
         return out
@@ -490,9 +492,12 @@ class APPOTrainer(GRPOTrainer):
             return logp_current
         if self.args.omega_reference == "behaviour":
             old = rows.get("old_per_token_logps")
-            # per_generation: the behaviour policy *is* the current one; Ω is degenerate and BS falls back to
-            # entropy (never compare two computations of the same weights, e.g. vLLM vs trainer: spec §8.2).
-            return old if (old is not None and self.args.branch_schedule == "per_update") else logp_current
+            # No optimizer step since sampling (per_generation, or the first step of a generation batch): the
+            # behaviour policy *is* the current one, so Ω is degenerate by construction and BS falls back to
+            # entropy. Decided structurally, never by comparing two computations of the same weights (their
+            # numerical noise would pass for signal: the public release's defect, spec §8.2).
+            moved = self.state.global_step != getattr(self, "_appo_sampled_at_step", self.state.global_step)
+            return old if (old is not None and moved) else logp_current
         ref = rows.get("ref_per_token_logps")
         if ref is not None:
             return ref
@@ -580,6 +585,7 @@ class APPOTrainer(GRPOTrainer):
                             model_mask, c_ids, timings):
         m = self._metrics[mode]
         gather = self.accelerator.gather
+        pts = core.BranchPoints(*(x.cpu() for x in pts))
         device = self.accelerator.device
         R = len(c_ids)
         valid = pts.position >= 0

@@ -210,6 +210,9 @@ def _common_args(output_dir: Path, seed: int, **kw):
         output_dir=str(output_dir), bf16=False, use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
         gradient_checkpointing=False, tool_protocol="tags", log_branch_trees=True, seed=seed, temperature=1.0,
         disable_tqdm=False, dataloader_num_workers=0,
+        # transformers 5 TrainingArguments.use_cache defaults to False and the Trainer writes it into
+        # model.config, so generation would run without a KV cache (~8x slower decoding on CPU).
+        use_cache=True,
     )
     base.update(kw)
     import warnings

@@ -228,3 +228,57 @@ def test_tools_branch_inside_and_after_calls_and_branches_call_tools(tiny_model,
         res = encode(tiny_tokenizer, "<result>")[0]
         if res in text_ids:
             assert b.model_mask[text_ids.index(res)] == 0
+
+
+def test_grad_accumulation_iterations_beta_and_eval(tiny_tokenizer, tmp_path):
+    """GA, num_iterations > 1, beta > 0 (reference model from a saved path) and evaluation all run together."""
+    from trl_appo.testing import build_tiny_model, save_tiny_pair
+
+    model_dir = save_tiny_pair(build_tiny_model(tiny_tokenizer), tiny_tokenizer, str(tmp_path / "model"))
+    args = make_args(
+        tmp_path / "out", gradient_accumulation_steps=2, steps_per_generation=4, per_device_train_batch_size=4,
+        num_generations=4, num_branches=1, num_iterations=2, beta=0.05, max_steps=2,
+        branch_schedule="per_update", eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4,
+        omega_reference="reference",
+    )
+    ds = Dataset.from_dict({"prompt": conversational_prompts(QUESTIONS)})
+    from trl_appo.trainer import APPOTrainer
+
+    trainer = APPOTrainer(model=model_dir, reward_funcs=length_reward, args=args, train_dataset=ds,
+                          eval_dataset=ds, processing_class=tiny_tokenizer)
+    branch = Recorder(trainer, "_branch_and_credit")
+    trainer.train()
+    logs = trainer.state.log_history
+    assert any("kl" in e for e in logs)  # beta > 0: KL to the reference is in the loss
+    assert any("eval_reward" in e for e in logs)  # evaluation ran ...
+    assert not any("eval_appo/branch_points_per_root" in e for e in logs)  # ... without branching
+    # 2 optimizer steps, each branching once over its GA=2 micro-batches
+    assert len(branch.calls) == 2
+
+
+def test_resumed_run_continues_like_the_uninterrupted_run(tiny_tokenizer, tmp_path):
+    from transformers import TrainerCallback
+
+    from trl_appo.testing import build_tiny_model
+
+    class StopAt(TrainerCallback):  # an interruption: same schedule (max_steps=3), stopped after step 2
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                control.should_training_stop = True
+
+    def run(out, resume=None, callbacks=()):
+        args = make_args(out, max_steps=3, save_strategy="steps", save_steps=2, branch_criterion="random",
+                         per_device_train_batch_size=8, num_generations=8)
+        trainer = make_trainer(build_tiny_model(tiny_tokenizer), tiny_tokenizer, args, callbacks=list(callbacks))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run(tmp_path / "full")
+    run(tmp_path / "half", callbacks=[StopAt()])
+    ckpt = tmp_path / "half" / "checkpoint-2"
+    assert (ckpt / "appo_state.pt").exists()
+    resumed = run(tmp_path / "half", resume=str(ckpt))
+    step3 = [e for e in full.state.log_history if e.get("step") == 3 and "loss" in e][0]
+    step3_resumed = [e for e in resumed.state.log_history if e.get("step") == 3 and "loss" in e][0]
+    for key in ("loss", "grad_norm", "reward", "appo/branch_reward", "appo/branch_position_rel", "appo/bs_abs_mean"):
+        assert step3_resumed[key] == pytest.approx(step3[key], rel=1e-5, abs=1e-6), key

@@ -84,3 +84,13 @@ def test_per_update_groups_must_fit_one_optimizer_step():
 def test_unknown_choices_list_valid_ones(field, value):
     with pytest.raises(ValueError, match="choose one of"):
         make(per_device_train_batch_size=16, **{field: value})
+
+
+def test_config_docs_are_generated_from_the_help_text():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gen_config_docs.py"
+    res = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr + res.stdout

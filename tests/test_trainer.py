@@ -282,3 +282,20 @@ def test_resumed_run_continues_like_the_uninterrupted_run(tiny_tokenizer, tmp_pa
     step3_resumed = [e for e in resumed.state.log_history if e.get("step") == 3 and "loss" in e][0]
     for key in ("loss", "grad_norm", "reward", "appo/branch_reward", "appo/branch_position_rel", "appo/bs_abs_mean"):
         assert step3_resumed[key] == pytest.approx(step3[key], rel=1e-5, abs=1e-6), key
+
+
+def test_reward_side_logs_of_branches_stay_out_of_the_completions_table(tiny_model, tiny_tokenizer, tmp_path):
+    def logging_reward(completions, log_extra=None, log_metric=None, **kw):
+        rewards = length_reward(completions)
+        log_extra("my_column", [str(r) for r in rewards])
+        log_metric("my_metric", sum(rewards) / len(rewards))
+        return rewards
+
+    args = make_args(tmp_path, max_steps=2, log_completions=True, branch_in_eval=True, eval_strategy="steps",
+                     eval_steps=2, per_device_eval_batch_size=8)
+    ds = Dataset.from_dict({"prompt": conversational_prompts(QUESTIONS)})
+    trainer = make_trainer(tiny_model, tiny_tokenizer, args, reward=logging_reward, eval_dataset=ds)
+    trainer.train()
+    logs = {k for e in trainer.state.log_history for k in e}
+    assert "my_metric" in logs and "appo/branch/my_metric" in logs
+    assert "eval_appo/branch_points_per_root" in logs  # branch_in_eval branches during evaluation

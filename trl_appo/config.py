@@ -289,6 +289,11 @@ class APPOConfig(GRPOConfig):
                     f"needs at least min_branch_tokens={self.min_branch_tokens} tokens of budget after it and a "
                     f"token before it. Increase max_completion_length to >= {need} or lower min_branch_tokens."
                 )
+        if self.branch_in_eval and self.branch_criterion != "none" and self.num_generations_eval not in (None, M):
+            raise ValueError(
+                f"branch_in_eval splits each eval prompt's num_generations_eval rollouts into N={self.num_roots} roots "
+                f"and their branches, so num_generations_eval must equal num_generations (M={M}) or be unset."
+            )
         if self.min_branch_tokens < 1:
             raise ValueError("min_branch_tokens must be >= 1 (a branch must be able to generate something).")
         if not 0 < self.reward_scale_discount <= 1:

@@ -31,6 +31,7 @@ import json
 import os
 import time
 import warnings
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -448,8 +449,8 @@ class APPOTrainer(GRPOTrainer):
         branch_inputs = [copy.copy(root_rows[r]) for r in pts.root.tolist()]
         branch_prompts = [row["prompt"] for row in branch_inputs]
         completions = self._completions_for_rewards(branch_prompts, branches)
-        branch_rewards = self._calculate_rewards(
-            branch_inputs, branch_prompts, completions, [b.completion_ids for b in branches]
+        branch_rewards = self._branch_rewards(
+            mode, branch_inputs, branch_prompts, completions, [b.completion_ids for b in branches]
         )  # gathered across ranks
 
         # 4. Credit (spec §3): dual groups over the gathered batch, then this rank's slice.
@@ -478,6 +479,20 @@ class APPOTrainer(GRPOTrainer):
         )
         if args.log_branch_trees and self.accelerator.is_main_process and mode == "train":
             self._write_branch_trees(rows, bs, pts, branches, branch_rewards, c_ids, c_mask)
+
+    def _branch_rewards(self, mode, inputs, prompts, completions, completion_ids):
+        """The user's reward functions on branch rows. What they log through `log_extra`/`log_metric` is kept out
+        of TRL's completions table (which lists the roots) and reported as `appo/branch/<name>` instead."""
+        saved = self._pending_extra_logs, self._pending_metrics
+        self._pending_extra_logs, self._pending_metrics = defaultdict(list), defaultdict(list)
+        try:
+            return self._calculate_rewards(inputs, prompts, completions, completion_ids)
+        finally:
+            branch_metrics = self._pending_metrics
+            self._pending_extra_logs, self._pending_metrics = saved
+            for name, values in branch_metrics.items():
+                if values:
+                    self._metrics[mode][f"appo/branch/{name}"].append(sum(values) / len(values))
 
     @contextlib.contextmanager
     def _no_grad_forward(self):

@@ -378,6 +378,7 @@ def cost_run(res: Resources, criterion: str, workdir: Path, steps: int, profile:
         "peak_rss_mib": meter.rss_peak / 2**20,
         "rss_increase_mib": (meter.rss_peak - meter.rss_start) / 2**20,
         "train_reward_mean": _mean_metric(hist, "reward"),
+        "metrics_mean": {k: _mean_metric(hist, k) for k in APPO_KEYS},
     }
     if prof is not None:
         buf = io.StringIO()
@@ -411,6 +412,7 @@ def part_cost(res: Resources, workdir: Path, log=print, profile: bool = False) -
         keys = [k for k in runs[c][0] if isinstance(runs[c][0][k], (int, float))]
         med = {k: statistics.median(r[k] for r in runs[c]) for k in keys}
         med["wall_s_per_step_repeats"] = [r["wall_s_per_step"] for r in runs[c]]
+        med["metrics_mean"] = {k: statistics.fmean(r["metrics_mean"][k] for r in runs[c]) for k in APPO_KEYS}
         per[c] = med
     for c in order:
         per[c]["ratio_to_grpo"] = {
@@ -589,9 +591,20 @@ def part_analysis(cost: dict | None, learning: dict | None) -> dict[str, Any]:
             }
     if cost:
         for c, r in cost["criteria"].items():
-            if c == "grpo" or c in out:
+            m = r.get("metrics_mean") or {}
+            if c == "grpo" or c in out or not m:
                 continue
-            out[c] = {"source": "cost runs (seed 0)", "note": "see cost table; branch metrics from learning runs only"}
+            out[c] = {
+                "source": "cost runs (seed 0, no branch trees)",
+                "near_tool_frac": m.get("appo/branch_near_tool_frac", math.nan),
+                "branch_position_rel": m.get("appo/branch_position_rel", math.nan),
+                "strict_frac": m.get("appo/branch_strict_frac", math.nan),
+                "omega_degenerate_frac": m.get("appo/omega_degenerate_frac", math.nan),
+                "root_reward": m.get("appo/root_reward", math.nan),
+                "branch_reward": m.get("appo/branch_reward", math.nan),
+                "branch_beats_root_frac": math.nan,
+                "position_kind_frac": {},
+            }
     return out
 
 
@@ -643,11 +656,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost-steps", type=int, default=None)
     p.add_argument("--cost-repeats", type=int, default=None)
     p.add_argument("--heldout", type=int, default=None)
+    p.add_argument("--report", default=None, metavar="JSON", help="print the README's markdown tables of a results "
+                   "JSON and exit")
     return p
+
+
+def markdown_tables(result: dict) -> str:
+    """The README tables of one results JSON (`--report PATH`)."""
+    lines: list[str] = []
+    f2 = lambda x: "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.2f}"  # noqa: E731
+    cost = result.get("cost")
+    if cost:
+        lines += ["| criterion | wall s/step | decoded tokens/step (roots + branches) | forward passes/step (decode + "
+                  "other) | decode slots/step | generate calls/step | scoring passes/step | peak RSS MiB | wall | tokens | "
+                  "fwd | slots | RSS |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for c, r in cost["criteria"].items():
+            q = r["ratio_to_grpo"]
+            lines.append(
+                f"| {c} | {r['wall_s_per_step']:.2f} | {r['decoded_tokens_per_step']:.0f} "
+                f"({r['root_decoded_tokens_per_step']:.0f} + {r['branch_decoded_tokens_per_step']:.0f}) | "
+                f"{r['forward_passes_per_step']:.1f} ({r['decode_forwards_per_step']:.1f} + "
+                f"{r['other_forwards_per_step']:.1f}) | {r['generate_token_slots_per_step']:.0f} | "
+                f"{r['generate_calls_per_step']:.2f} | "
+                f"{r['logps_calls_per_step']:.2f} | {r['peak_rss_mib']:.0f} | {f2(q['wall_s_per_step'])}× | "
+                f"{f2(q['decoded_tokens_per_step'])}× | {f2(q['forward_passes_per_step'])}× | "
+                f"{f2(q['generate_token_slots_per_step'])}× | {f2(q['peak_rss_mib'])}× |"
+            )
+        lines += ["", "| criterion | generate s/step | scoring+loss log-prob s/step | tool s/step | branch scoring "
+                  "s/step | branch generation s/step | branch reward s/step | wall s/step per repeat |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for c, r in cost["criteria"].items():
+            lines.append(
+                f"| {c} | {r['generate_s_per_step']:.2f} | {r['logps_s_per_step']:.2f} | {r['tools_s_per_step']:.2f} | "
+                f"{r['branch_score_s_per_step']:.2f} | {r['branch_generate_s_per_step']:.2f} | "
+                f"{r['branch_reward_s_per_step']:.3f} | {', '.join(f'{x:.2f}' for x in r['wall_s_per_step_repeats'])} |"
+            )
+        lines.append("")
+    learning = result.get("learning")
+    if learning:
+        steps = [p["step"] for p in next(iter(learning["summary"].values()))["pass1_curve"]]
+        lines += ["| criterion | " + " | ".join(f"Pass@1 step {st}" for st in steps) + " | final per seed | "
+                  "train reward (mean) |", "|---|" + "---:|" * (len(steps) + 2)]
+        for c, r in learning["summary"].items():
+            cells = [f"{p['mean']:.3f} ± {p['std']:.3f}" for p in r["pass1_curve"]]
+            lines.append(f"| {c} | " + " | ".join(cells) + " | "
+                         + ", ".join(f"{x:.3f}" for x in r["final_pass1_per_seed"])
+                         + f" | {r['train_reward_mean']:+.3f} |")
+        lines.append("")
+    analysis = result.get("analysis") or {}
+    rows = [(c, a) for c, a in analysis.items() if "near_tool_frac" in a]
+    if rows:
+        lines += ["| criterion | near a tool call | in `<python>` call | after `</result>`, before `<answer>` | in "
+                  "`<answer>` | rel. position | strict | Ω-degenerate roots | root reward | branch reward | "
+                  "branch beats root |", "|---|" + "---:|" * 10]
+        for c, a in rows:
+            k = a.get("position_kind_frac") or {}
+            lines.append(
+                f"| {c} | {f2(a['near_tool_frac'])} | {f2(k.get('in_python_call'))} | "
+                f"{f2(k.get('after_result_before_answer'))} | {f2(k.get('in_answer'))} | "
+                f"{f2(a['branch_position_rel'])} | {f2(a['strict_frac'])} | {f2(a['omega_degenerate_frac'])} | "
+                f"{a['root_reward']:+.3f} | {a['branch_reward']:+.3f} | {f2(a['branch_beats_root_frac'])} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    if a.report:
+        print(markdown_tables(json.loads(Path(a.report).read_text())))
+        return 0
     _setup()
     import tempfile
 

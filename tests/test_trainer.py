@@ -278,6 +278,8 @@ def test_resumed_run_continues_like_the_uninterrupted_run(tiny_tokenizer, tmp_pa
     ckpt = tmp_path / "half" / "checkpoint-2"
     assert (ckpt / "appo_state.pt").exists()
     resumed = run(tmp_path / "half", resume=str(ckpt))
+    card = (tmp_path / "half" / "README.md").read_text()
+    assert "## APPO settings" in card and "criterion `random`" in card  # the model card names APPO's settings
     step3 = [e for e in full.state.log_history if e.get("step") == 3 and "loss" in e][0]
     step3_resumed = [e for e in resumed.state.log_history if e.get("step") == 3 and "loss" in e][0]
     for key in ("loss", "grad_norm", "reward", "appo/branch_reward", "appo/branch_position_rel", "appo/bs_abs_mean"):
@@ -299,3 +301,23 @@ def test_reward_side_logs_of_branches_stay_out_of_the_completions_table(tiny_mod
     logs = {k for e in trainer.state.log_history for k in e}
     assert "my_metric" in logs and "appo/branch/my_metric" in logs
     assert "eval_appo/branch_points_per_root" in logs  # branch_in_eval branches during evaluation
+
+
+def test_untested_trl_version_is_refused_with_the_fix(monkeypatch, tiny_model, tiny_tokenizer, tmp_path):
+    import trl
+
+    monkeypatch.setattr(trl, "__version__", "1.18.0")
+    monkeypatch.delenv("TRL_APPO_ALLOW_UNTESTED_TRL", raising=False)
+    with pytest.raises(RuntimeError, match="trl>=1.16.0,<1.17.0"):
+        make_trainer(tiny_model, tiny_tokenizer, make_args(tmp_path))
+
+
+def test_unsupported_trainer_arguments_name_the_alternative(tiny_model, tiny_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="owns the rollout"):
+        make_trainer(tiny_model, tiny_tokenizer, make_args(tmp_path), rollout_func=lambda p, t: {})
+    with pytest.raises(ValueError, match="cannot be forked"):
+        make_trainer(tiny_model, tiny_tokenizer, make_args(tmp_path), environment_factory=object)
+    from trl import GRPOConfig
+
+    with pytest.raises(TypeError, match="needs an APPOConfig"):
+        make_trainer(tiny_model, tiny_tokenizer, GRPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True))

@@ -656,6 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost-steps", type=int, default=None)
     p.add_argument("--cost-repeats", type=int, default=None)
     p.add_argument("--heldout", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--report", default=None, metavar="JSON", help="print the README's markdown tables of a results "
                    "JSON and exit")
     return p
@@ -731,7 +732,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # One intra-op thread: the ~1M-parameter model gains nothing from two, and on a shared 2-core machine two
+    # OpenMP threads per process spin against the other jobs and make step times erratic (measured: 0.5-10 s/step).
+    torch.set_num_threads(a.threads)
     s = Settings.quick() if a.quick else Settings()
     for name in ("learn_steps", "eval_every", "cost_steps", "cost_repeats", "heldout"):
         if getattr(a, name) is not None:

@@ -109,8 +109,9 @@ def loop_select(scores, cands, K, criterion="bs", group_size=1, min_distance=0, 
                     continue
                 if criterion == "bs":
                     zh, zo, bs = float(scores.z_entropy[b, t]), float(scores.z_omega[b, t]), float(scores.scores[b, t])
-                    strict = zh > 0 and (zo > 0 or bool(scores.degenerate[b]))
-                    tier = 0 if strict else (1 if bs > 0 else 2)
+                    deg = bool(scores.degenerate[b])  # degenerate: no strict pick, all by entropy (code 2)
+                    strict = zh > 0 and zo > 0 and not deg
+                    tier = 0 if strict else (1 if bs > 0 and not deg else 2)
                     prim = bs if tier < 2 else float(ekey[b, t])
                     sec = float(ekey[b, t]) if tier < 2 else 0.0
                 elif criterion == "entropy":
@@ -523,10 +524,12 @@ def test_select_hand_case_entropy_and_degenerate():
     # criterion entropy: z_H desc over candidates 0..4 = [1, 2, -1, .5, -2] → 1, 0, 3
     bp = select_branch_points(HAND, HAND_CANDS, 3, criterion="entropy")
     assert bp.position.tolist() == [1, 0, 3] and bp.fallback.tolist() == [2, 2, 2] and not bp.strict.any()
-    # degenerate row: BS := z_H; strict = z_H > 0: tokens 1 (2), 0 (1), 3 (.5); then 2 (-1) by entropy
+    # degenerate row: BS := z_H and no strict candidate (z_Ω ≡ 0): every pick is the entropy fallback (code 2),
+    # ranked by entropy: tokens 1 (2), 0 (1), 3 (.5), 2 (-1)
     deg = make_scores([[1, 2, -1, 0.5, -2, 1]], [[1, 0.5, -1, -1, -1, 2]], degenerate=[True])
     bp = select_branch_points(deg, HAND_CANDS, 4)
-    assert bp.position.tolist() == [1, 0, 3, 2] and bp.fallback.tolist() == [0, 0, 0, 2]
+    assert bp.position.tolist() == [1, 0, 3, 2] and bp.fallback.tolist() == [2, 2, 2, 2]
+    assert not bp.strict.any()
 
 
 def test_select_hand_case_pooled():

@@ -282,7 +282,7 @@ def test_resumed_run_continues_like_the_uninterrupted_run(tiny_tokenizer, tmp_pa
     assert "## APPO settings" in card and "criterion `random`" in card  # the model card names APPO's settings
     step3 = [e for e in full.state.log_history if e.get("step") == 3 and "loss" in e][0]
     step3_resumed = [e for e in resumed.state.log_history if e.get("step") == 3 and "loss" in e][0]
-    for key in ("loss", "grad_norm", "reward", "appo/branch_reward", "appo/branch_position_rel", "appo/bs_abs_mean"):
+    for key in ("loss", "grad_norm", "reward", "appo/branch_reward", "appo/branch_position_rel", "appo/credit_abs_mean"):
         assert step3_resumed[key] == pytest.approx(step3[key], rel=1e-5, abs=1e-6), key
 
 

@@ -28,7 +28,8 @@ Deviations from the paper / public release (see APPO_SPEC §8), stated once here
 * Suffix sums are a blocked O(T) scan (release: a T×T decay matrix per row, O(T²) time and memory).
 * Selection fills (§1 "fill by descending BS, then by descending entropy") are read as tiers: strict candidates
   (z_H>0 and z_Ω>0) by BS, then the remaining candidates with BS>0 by BS, then the rest by entropy. In a
-  degenerate row (Ω constant) BS := z_H, so the same tiers rank by entropy alone and "strict" means z_H>0.
+  degenerate row (Ω constant) BS := z_H and no candidate is strict: the row ranks by entropy alone and every
+  pick is reported as the entropy fallback (code 2), so "strict" counts only picks Ω actually informed.
 * ``min_distance`` is soft: it is relaxed (in rank order) before any point is duplicated, so duplicates
   happen only when a root (a group, when pooled) has fewer candidates than points asked for.
 * The procedure-level factor multiplies the *advantage* (release: the reward, where it cancels).
@@ -455,9 +456,10 @@ def _criterion_bs(scores, entropy_key, candidates, generator):
     if scores is None:
         raise ValueError("criterion 'bs' needs `scores` (the BranchingScore of the roots).")
     bs = scores.scores
-    # Degenerate rows: BS := z_H, and strict means z_H > 0 (their z_Ω is 0 by construction).
-    strict = (scores.z_entropy > 0) & ((scores.z_omega > 0) | scores.degenerate[:, None])
-    tier = torch.where(strict, 0, torch.where(bs > 0, 1, 2))
+    # Degenerate rows (z_Ω ≡ 0) have no strict candidate (spec §1: strict needs z_Ω > 0): the whole row is the
+    # entropy fallback, so `fallback`/`strict` report how often Ω actually informed a pick.
+    strict = (scores.z_entropy > 0) & (scores.z_omega > 0) & ~scores.degenerate[:, None]
+    tier = torch.where(strict, 0, torch.where((bs > 0) & ~scores.degenerate[:, None], 1, 2))
     primary = torch.where(tier < 2, bs, entropy_key)
     secondary = torch.where(tier < 2, entropy_key, torch.zeros_like(entropy_key))
     return tier, primary, secondary
@@ -511,7 +513,8 @@ def select_branch_points(
 
     Ranking (``criterion``, from ``BRANCH_CRITERIA``):
       * "bs": strict candidates (z_H>0 ∧ z_Ω>0) by BS desc (code 0); then candidates with BS>0 by BS desc (code 1);
-        then the rest by entropy desc (code 2). A degenerate row has BS = z_H, so it ranks by entropy alone.
+        then the rest by entropy desc (code 2). A degenerate row has BS = z_H and no strict candidate, so it ranks
+        by entropy alone, all code 2.
       * "entropy": by entropy desc (code 2).
       * "random": uniform over candidates, drawn from ``generator`` (code 3); reproducible for a seeded generator.
     Ties: BS ties by entropy desc, then lower token index, then lower row. Everything else is deterministic.

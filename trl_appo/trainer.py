@@ -628,6 +628,8 @@ class APPOTrainer(GRPOTrainer):
         g = gather(local.unsqueeze(0))
         names = ["branch_points_per_root", "branch_position_rel", "branch_near_tool_frac", "branch_strict_frac",
                  "omega_degenerate_frac", "bs_abs_mean"]
+        if self.args.branch_criterion != "bs":  # Ω and BS are not computed for the entropy/random criteria
+            names = names[:3]
         for i, name in enumerate(names):
             m[f"appo/{name}"].append(torch.nanmean(g[:, i]).item())
         m["appo/branch_decoded_tokens"].append(g[:, 6].sum().item())

@@ -57,6 +57,11 @@ CRITERIA: dict[str, dict[str, Any]] = {
     "appo_bs_per_generation": {"branch_criterion": "bs", "branch_schedule": "per_generation"},
     "entropy": {"branch_criterion": "entropy", "branch_schedule": "per_update"},
     "random": {"branch_criterion": "random", "branch_schedule": "per_update"},
+    # Ablations (not run by default; pick with --learn-criteria): which APPO term moves learning at this size?
+    "appo_bs_no_scaling": {"branch_criterion": "bs", "branch_schedule": "per_update", "procedure_scale": False,
+                           "future_kl": False},
+    "appo_roots_only": {"branch_criterion": "bs", "branch_schedule": "per_update", "prefix_credit": False,
+                        "procedure_scale": False, "future_kl": False},
 }
 LEARNING_CRITERIA = ("grpo", "appo_bs_per_update", "entropy", "random")
 
@@ -651,6 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the warm-started weights are cached")
     p.add_argument("--profile", action="store_true", help="also cProfile one APPO and one GRPO cost run")
     p.add_argument("--seeds", default=None, help="comma list of seeds for the learning part")
+    p.add_argument("--learn-criteria", default=None, help=f"comma list of criteria for the learning part, from "
+                   f"{', '.join(CRITERIA)} (default {', '.join(LEARNING_CRITERIA)})")
     p.add_argument("--learn-steps", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--cost-steps", type=int, default=None)
@@ -741,6 +748,11 @@ def main(argv=None) -> int:
             setattr(s, name, getattr(a, name))
     if a.seeds:
         s.seeds = tuple(int(x) for x in a.seeds.split(","))
+    if a.learn_criteria:
+        unknown = set(a.learn_criteria.split(",")) - set(CRITERIA)
+        if unknown:
+            raise SystemExit(f"unknown criteria {sorted(unknown)}; choose from {list(CRITERIA)}")
+        s.learn_criteria = tuple(a.learn_criteria.split(","))
     parts = {x.strip() for x in a.parts.split(",") if x.strip()}
     suffix = "_quick" if a.quick else ""
     out_path = Path(a.out) if a.out else RESULTS_DIR / f"compare{suffix}.json"

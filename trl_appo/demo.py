@@ -72,8 +72,8 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        return cls(a_steps=1, a_max_completion_length=24, a_min_branch_tokens=8, b_hidden=64, b_layers=2,
-                   b_sft_steps=60, b_steps=8, b_heldout=16, b_eval_samples=1)
+        return cls(a_steps=1, a_max_completion_length=24, a_min_branch_tokens=8, b_sft_steps=120, b_steps=16,
+                   b_heldout=16, b_eval_samples=1)
 
 
 # ------------------------------------------------------------------------------------------------ terminal output

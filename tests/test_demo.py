@@ -126,3 +126,11 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     b = next(v for k, v in metrics["parts"].items() if k.startswith("B"))
     assert b["ran"] and b["branch_points_per_root"] > 0
     assert list((tmp_path / "tiny" / "branch_trees").glob("step_*.jsonl"))
+
+
+@pytest.mark.parametrize("steps", [1, 3, 5, 10])
+def test_sft_warm_start_runs_for_very_few_steps(tiny_tokenizer, tiny_model, steps):
+    # OneCycleLR with pct_start=0.1 has an empty warm-up at <= 10 steps (ZeroDivisionError before the fix).
+    ex = [tag_transcript_example(tiny_tokenizer, "What is 3 * 7?\n", "<answer>\\boxed{21}</answer>")]
+    hist = sft_warm_start(tiny_model, tiny_tokenizer, ex, steps=steps, batch_size=2, progress=False)
+    assert len(hist.loss) == steps

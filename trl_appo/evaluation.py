@@ -334,11 +334,13 @@ def make_hf_generate_fn(
     top_p: float = 1.0,
     max_new_tokens: int | None = None,
     batch_size: int | None = None,
+    top_k: int = 0,
 ) -> Callable[[list[list[int]], int, int], tuple[list[list[int]], None]]:
     """The engine's ``GenerateFn`` over ``model.generate`` (no trainer needed).
 
     Contexts are left-padded with the pad token (eos if none) and an attention mask; sampling uses
-    ``temperature`` and ``top_p`` (``temperature == 0``: greedy). Each call generates at most
+    ``temperature``, ``top_p`` and ``top_k`` (default 0 = off, as TRL's GRPOConfig samples during training, so
+    evaluation reads the policy that was trained; ``temperature == 0``: greedy). Each call generates at most
     ``min(max_new_tokens, the engine's budget)`` tokens per row, in chunks of ``batch_size`` rows (None: all).
     Returns the new ids per row, cut after the first end-of-sequence token (padding dropped), and None for
     log-probs. An empty ``contexts`` list gives ``([], None)``. The model runs in eval mode under no_grad and
@@ -356,7 +358,11 @@ def make_hf_generate_fn(
         limit = budget if max_new_tokens is None else min(budget, max_new_tokens)
         if limit <= 0:
             return [[] for _ in contexts], None
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+            if temperature > 0
+            else {"do_sample": False}
+        )
         was_training = model.training
         model.eval()
         out: list[list[int]] = []
@@ -374,6 +380,7 @@ def make_hf_generate_fn(
                         max_new_tokens=limit,
                         pad_token_id=pad_id,
                         eos_token_id=sorted(eos_ids),
+                        use_cache=True,  # transformers' Trainer writes use_cache=False into model.config
                         **sampling,
                     )
                 for row in sequences[:, width:].tolist():

@@ -113,7 +113,11 @@ def sft_warm_start(
     g = torch.Generator().manual_seed(seed)
     model.train()
     optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    if steps >= 4:
+        # OneCycle needs at least one step in each phase: with pct_start=0.1 and <= 10 steps its warm-up has length 0.
+        sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=lr, total_steps=steps, pct_start=max(0.1, 2 / steps))
+    else:  # too short to schedule: constant learning rate
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda _: 1.0)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
     ema = None

@@ -656,6 +656,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the warm-started weights are cached")
     p.add_argument("--profile", action="store_true", help="also cProfile one APPO and one GRPO cost run")
     p.add_argument("--seeds", default=None, help="comma list of seeds for the learning part")
+    p.add_argument("--num-generations", type=int, default=None, help="budget M per prompt (default 8; paper 16); "
+                   "also sets per_device_train_batch_size = M (one prompt per optimizer step)")
+    p.add_argument("--num-roots", type=int, default=None, help="N roots of the branching criteria (default 2)")
     p.add_argument("--learn-criteria", default=None, help=f"comma list of criteria for the learning part, from "
                    f"{', '.join(CRITERIA)} (default {', '.join(LEARNING_CRITERIA)})")
     p.add_argument("--learn-steps", type=int, default=None)
@@ -748,6 +751,10 @@ def main(argv=None) -> int:
             setattr(s, name, getattr(a, name))
     if a.seeds:
         s.seeds = tuple(int(x) for x in a.seeds.split(","))
+    if a.num_generations:
+        s.num_generations = s.per_device_train_batch_size = a.num_generations
+    if a.num_roots:
+        s.num_roots = a.num_roots
     if a.learn_criteria:
         unknown = set(a.learn_criteria.split(",")) - set(CRITERIA)
         if unknown:

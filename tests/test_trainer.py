@@ -321,3 +321,22 @@ def test_unsupported_trainer_arguments_name_the_alternative(tiny_model, tiny_tok
 
     with pytest.raises(TypeError, match="needs an APPOConfig"):
         make_trainer(tiny_model, tiny_tokenizer, GRPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True))
+
+
+def test_tag_protocol_stops_at_custom_tool_tags(tiny_model, tiny_tokenizer, tmp_path):
+    from trl_appo.tools import tool
+
+    @tool
+    def calculator(expression: str) -> str:
+        """Evaluate an arithmetic expression.
+
+        Args:
+            expression: e.g. "2 * (3 + 4)".
+        """
+        return str(eval(expression, {"__builtins__": {}}))
+
+    trainer = make_trainer(tiny_model, tiny_tokenizer, make_args(tmp_path, tool_protocol="tags"), tools=[calculator])
+    protocol = trainer._appo_engine.protocol
+    assert protocol.tags == ("python", "search", "calculator")
+    assert "</calculator>" in protocol.stop_strings
+    assert set(trainer.eos_token_ids) <= set(protocol.stop_token_ids)

@@ -199,12 +199,15 @@ class APPOTrainer(GRPOTrainer):
                         "tokenizer.response_template (see TRL's chat_template_utils), use a chat template TRL "
                         "knows, or use tool_protocol='tags'."
                     ) from e
-            protocol = ChatTemplateProtocol(tokenizer)
+        registry = ToolRegistry(self._appo_tools, timeout=args.tool_timeout, max_output_chars=args.max_tool_output_chars)
+        if args.tool_protocol == "chat":
+            protocol = ChatTemplateProtocol(tokenizer, chat_template_kwargs=self.chat_template_kwargs)
         else:
-            protocol = TagProtocol(tokenizer)
+            # The paper's tags stop generation even when that tool is not registered, so the model is told so.
+            tags = dict.fromkeys(("python", "search", *registry.names))
+            protocol = TagProtocol(tokenizer, tags=tuple(tags), chat_template_kwargs=self.chat_template_kwargs)
         # Every end-of-sequence id TRL stops at also ends a model run for the engine.
         protocol.stop_token_ids = frozenset(protocol.stop_token_ids) | frozenset(self.eos_token_ids)
-        registry = ToolRegistry(self._appo_tools, timeout=args.tool_timeout, max_output_chars=args.max_tool_output_chars)
         return RolloutEngine(
             self._engine_generate,
             tokenizer,
@@ -289,14 +292,22 @@ class APPOTrainer(GRPOTrainer):
         return [r.text for r in rollouts]
 
     def _log_rollout_metrics(self, rollouts, mode: str, prefix: str) -> None:
-        if not rollouts:
+        """Tool use and decoded tokens (a branch's copied prefix is not decoded), summed over all ranks."""
+        local = torch.tensor(
+            [
+                float(len(rollouts)),
+                float(sum(r.tool_stats.calls for r in rollouts)),
+                float(sum(r.tool_stats.failures for r in rollouts)),
+                float(sum(sum(r.model_mask[r.prefix_length :]) for r in rollouts)),
+            ],
+            device=self.accelerator.device,
+        )
+        n, calls, fails, decoded = self.accelerator.gather(local.unsqueeze(0)).sum(dim=0).tolist()
+        if n == 0:
             return
-        calls = sum(r.tool_stats.calls for r in rollouts)
-        fails = sum(r.tool_stats.failures for r in rollouts)
-        self._metrics[mode][f"{prefix}/tool_calls_per_rollout"].append(calls / len(rollouts))
+        self._metrics[mode][f"{prefix}/tool_calls_per_rollout"].append(calls / n)
         self._metrics[mode][f"{prefix}/tool_failure_rate"].append(fails / calls if calls else 0.0)
-        decoded = sum(sum(r.model_mask[r.prefix_length :]) for r in rollouts)
-        self._metrics[mode][f"{prefix}/decoded_tokens"].append(float(decoded))
+        self._metrics[mode][f"{prefix}/decoded_tokens"].append(decoded)
 
     # ------------------------------------------------------------------ rewards
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):

@@ -112,6 +112,7 @@ class TagProtocol(ToolProtocol):
         tokenizer: any tokenizer with an eos token (the end of the episode).
         tags: tool names usable as tags; generation stops at any of their closing tags.
         result_template: how a result is appended (`{content}` is the tool's text).
+        chat_template_kwargs: extra `apply_chat_template` arguments for conversational prompts.
     """
 
     def __init__(
@@ -119,8 +120,10 @@ class TagProtocol(ToolProtocol):
         tokenizer: Any,
         tags: Sequence[str] = ("python", "search"),
         result_template: str = " <result>\n{content}\n</result>",
+        chat_template_kwargs: dict | None = None,
     ):
         super().__init__(tokenizer)
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.tags = tuple(tags)
         self.stop_strings = tuple(f"</{t}>" for t in self.tags)
         self.result_template = result_template
@@ -130,7 +133,9 @@ class TagProtocol(ToolProtocol):
         if isinstance(prompt, str):
             return self.encode(prompt)
         return list(
-            self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+            self.tokenizer.apply_chat_template(
+                prompt, add_generation_prompt=True, tokenize=True, return_dict=False, **self.chat_template_kwargs
+            )
         )
 
     def parse_turn(self, run_ids: list[int], context_ids: list[int], end: RunEnd, tools: ToolRegistry) -> TurnParse:

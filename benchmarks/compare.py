@@ -63,6 +63,7 @@ CRITERIA: dict[str, dict[str, Any]] = {
     "appo_roots_only": {"branch_criterion": "bs", "branch_schedule": "per_update", "prefix_credit": False,
                         "procedure_scale": False, "future_kl": False},
 }
+COST_CRITERIA = ("grpo", "appo_bs_per_update", "appo_bs_per_generation", "entropy", "random")  # ablations opt-in
 LEARNING_CRITERIA = ("grpo", "appo_bs_per_update", "entropy", "random")
 
 
@@ -90,7 +91,7 @@ class Settings:
     cost_steps: int = 8
     cost_repeats: int = 2
     cost_warmup: bool = True  # one discarded 1-step GRPO run first (lazy initialisation, caches)
-    cost_criteria: tuple[str, ...] = tuple(CRITERIA)
+    cost_criteria: tuple[str, ...] = COST_CRITERIA
     # part 2
     learn_steps: int = 24
     eval_every: int = 12

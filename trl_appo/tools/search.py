@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from filelock import FileLock
+
 from .base import Tool, ToolOutput
 
 NO_RESULTS = "No search results found."
@@ -272,15 +274,19 @@ class SearchCache:
         self.timeout = timeout
         self._local = threading.local()
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS cache (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        # Switching to WAL and creating the table need an exclusive lock, and sqlite answers a concurrent switch
+        # with SQLITE_BUSY *without* waiting on the busy timeout; a file lock serialises set-up across processes.
+        with FileLock(self.path + ".lock", timeout=timeout):
+            conn = self._connect()
+            conn.execute("PRAGMA journal_mode=WAL")
+            with conn:
+                conn.execute("CREATE TABLE IF NOT EXISTS cache (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
 
     def _connect(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=self.timeout)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # WAL is persistent: set once in __init__
             self._local.conn = conn
         return conn
 

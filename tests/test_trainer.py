@@ -95,6 +95,7 @@ def test_branches_share_the_root_prefix_and_only_roots_are_trained(tiny_model, t
     assert all(call[0][1].shape[0] <= n_roots for call in forwards.calls)
     logs = {k for entry in trainer.state.log_history for k in entry}
     for key in ("appo/branch_points_per_root", "appo/omega_degenerate_frac", "appo/branch_reward",
+                "appo/branch_duplicate_frac", "appo/branch_no_candidate_frac",
                 "appo/future_kl_weight_mean", "appo/seconds_generate_branches", "appo/branch_decoded_tokens"):
         assert key in logs, key
 

@@ -633,6 +633,8 @@ class APPOTrainer(GRPOTrainer):
                 pts.score.abs()[valid].mean().item() if valid.any() else float("nan"),
                 sum(sum(b.model_mask[b.prefix_length :]) for b in branches),
                 float(sum(sum(x) for x in model_mask.tolist())),
+                (pts.fallback == 4).float().mean().item() if len(pts.fallback) else float("nan"),
+                (pts.fallback == 5).float().mean().item() if len(pts.fallback) else float("nan"),
             ],
             device=device,
         )
@@ -645,6 +647,9 @@ class APPOTrainer(GRPOTrainer):
             m[f"appo/{name}"].append(torch.nanmean(g[:, i]).item())
         m["appo/branch_decoded_tokens"].append(g[:, 6].sum().item())
         m["appo/root_model_tokens"].append(g[:, 7].sum().item())
+        # Spec §1: duplicated points only when a root has fewer eligible tokens than B, and this is logged.
+        m["appo/branch_duplicate_frac"].append(torch.nanmean(g[:, 8]).item())
+        m["appo/branch_no_candidate_frac"].append(torch.nanmean(g[:, 9]).item())
         br = (branch_rewards.to(device) * weights.unsqueeze(0)).nansum(dim=1)
         rr = (root_rewards.to(device) * weights.unsqueeze(0)).nansum(dim=1)
         m["appo/branch_reward"].append(br.mean().item())

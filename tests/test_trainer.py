@@ -341,3 +341,25 @@ def test_tag_protocol_stops_at_custom_tool_tags(tiny_model, tiny_tokenizer, tmp_
     assert protocol.tags == ("python", "search", "calculator")
     assert "</calculator>" in protocol.stop_strings
     assert set(trainer.eos_token_ids) <= set(protocol.stop_token_ids)
+
+
+def test_qlora_trains_4bit_model_with_adapters(tiny_tokenizer, tmp_path):
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs the [qlora] extra (bitsandbytes)")
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+
+    from trl_appo.testing import build_tiny_model, save_tiny_pair
+    from trl_appo.trainer import APPOTrainer
+
+    model_dir = save_tiny_pair(build_tiny_model(tiny_tokenizer, hidden_size=64, intermediate_size=128),
+                               tiny_tokenizer, str(tmp_path / "model"))
+    args = make_args(tmp_path / "out", max_steps=1,
+                     model_init_kwargs={"quantization_config": BitsAndBytesConfig(
+                         load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32), "device_map": "cpu"})
+    trainer = APPOTrainer(model=model_dir, reward_funcs=length_reward, args=args, processing_class=tiny_tokenizer,
+                          train_dataset=Dataset.from_dict({"prompt": conversational_prompts(QUESTIONS)}),
+                          peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    trainer.train()
+    names = {type(m).__name__ for m in trainer.model.modules()}
+    assert "Linear4bit" in names  # the base weights really are 4-bit
+    assert any("appo/branch_points_per_root" in e for e in trainer.state.log_history)

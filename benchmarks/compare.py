@@ -266,30 +266,24 @@ class Meter:
         handle = model.register_forward_pre_hook(hook)
         self._undo.append(handle.remove)
 
-        orig_logps = GRPOTrainer._get_per_token_logps_and_entropies
+        self._time_method(GRPOTrainer, "_get_per_token_logps_and_entropies", "logps", count="logps_calls")
+        self._time_method(ToolRegistry, "execute_many", "tools")
 
-        def logps(self_, *a, **k):
-            meter.counts["logps_calls"] += 1
+    def _time_method(self, cls, name: str, key: str, count: str | None = None) -> None:
+        """Patch `cls.name` to add its wall time to `seconds[key]` (and count calls in `counts[count]`)."""
+        meter, orig = self, getattr(cls, name)
+
+        def timed(self_, *a, **k):
+            if count:
+                meter.counts[count] += 1
             t0 = time.perf_counter()
             try:
-                return orig_logps(self_, *a, **k)
+                return orig(self_, *a, **k)
             finally:
-                meter.seconds["logps"] += time.perf_counter() - t0
+                meter.seconds[key] += time.perf_counter() - t0
 
-        GRPOTrainer._get_per_token_logps_and_entropies = logps
-        self._undo.append(lambda: setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", orig_logps))
-
-        orig_exec = ToolRegistry.execute_many
-
-        def execute_many(self_, *a, **k):
-            t0 = time.perf_counter()
-            try:
-                return orig_exec(self_, *a, **k)
-            finally:
-                meter.seconds["tools"] += time.perf_counter() - t0
-
-        ToolRegistry.execute_many = execute_many
-        self._undo.append(lambda: setattr(ToolRegistry, "execute_many", orig_exec))
+        setattr(cls, name, timed)
+        self._undo.append(lambda: setattr(cls, name, orig))
 
     def detach(self) -> None:
         for undo in reversed(self._undo):

@@ -1,7 +1,7 @@
 """Tools the policy can call: the callback API, the sandboxed Python tool and search."""
 
 from .base import Tool, ToolCall, ToolError, ToolOutput, ToolRegistry, ToolResult, ToolStats, tool
-from .python import PythonTool, SandboxResult
+from .python import ISOLATION_LEVELS, PythonTool, SandboxResult, SandboxUnavailable, describe_isolation
 from .search import (
     ARPOCacheBackend,
     BM25Backend,
@@ -20,8 +20,10 @@ __all__ = [
     "BM25Backend",
     "BM25Index",
     "HTTPSearchBackend",
+    "ISOLATION_LEVELS",
     "PythonTool",
     "SandboxResult",
+    "SandboxUnavailable",
     "SearchBackend",
     "SearchCache",
     "SearchHit",
@@ -33,6 +35,7 @@ __all__ = [
     "ToolRegistry",
     "ToolResult",
     "ToolStats",
+    "describe_isolation",
     "format_hits",
     "normalize_query",
     "tool",

@@ -1,56 +1,65 @@
 """Sandboxed Python execution: the paper's `<python>` tool (`PythonTool`).
 
-Each call runs the code in a fresh interpreter process in a throwaway working directory, with the output of
-stdout and stderr (merged, in the order written, as a terminal shows it) read incrementally and truncated.
-As the paper's tool does, a bare final expression is printed (`repr`, unless it is None).
+Each call runs the code in a fresh interpreter process, with stdout and stderr merged (in the order written,
+as a terminal shows it), read incrementally and truncated. As the paper's tool does, a bare final
+expression is printed (`repr`, unless it is None).
 
-Isolation (what a call cannot do), set up by a small bootstrap that runs in the child *before* the user's
-code, so no `preexec_fn` is needed (unsafe in a multi-threaded parent, and tools run in threads):
+Isolation levels (`PythonTool(isolation=...)`; `PythonTool().isolation` reports the level achieved):
 
-* **Unprivileged user.** When the parent is root (sessions and CI are), the child drops to `user`/`group`
-  (default 65534 `nobody`/`nogroup`; supplementary groups cleared; `PR_SET_NO_NEW_PRIVS`). This matters:
-  root ignores RLIMIT_NPROC, and an unprivileged user cannot write to `/`, `/root`, the project, ...
-  HOME and TMPDIR point at the throwaway directory (owned by that user). World-writable directories
-  such as `/tmp` stay writable; a mount namespace would close that, but is not set up here.
-* **No network.** As root the child enters new network and PID namespaces (`unshare(2)` via ctypes, since
-  Python 3.11 has no `os.unshare`): only a downed loopback interface exists, so every connect fails.
-  The user code then runs as PID 1 of its namespace, so when it exits (or is killed) the kernel kills
-  every process it left behind, even ones that escaped the process group with `setsid()`.
-* **Resource limits** (`setrlimit`): CPU seconds, address space (RLIMIT_AS), processes (RLIMIT_NPROC),
-  file size (RLIMIT_FSIZE, SIGXFSZ ignored so a write fails with EFBIG instead of killing), open files,
-  no core dumps. A wall-clock timeout kills the whole process group (`os.killpg`).
-* **Output floods** are read in chunks; beyond `max_output_chars` bytes are discarded, and a process that
-  writes more than `flood_kill_bytes` is killed at once.
+* ``"bubblewrap"`` (the default, chosen by ``"auto"``) — every call runs in its own [bubblewrap](
+  https://github.com/containers/bubblewrap) sandbox (Debian/Ubuntu: ``apt-get install bubblewrap``; Fedora:
+  ``dnf install bubblewrap``; no setuid bit needed, works for unprivileged users). Per call:
+  - a private filesystem: only ``/usr`` (with the ``/bin``, ``/lib*`` links), ``/etc/ld.so.cache`` and the
+    interpreter's prefix, venv and site-packages are visible, all read-only, at their host paths; a fresh
+    size-capped tmpfs as working directory (``/sandbox``, also ``$HOME``), ``/tmp`` and ``/dev/shm``; a minimal
+    ``/dev``; a ``/proc`` of its own PID namespace. No ``$HOME``, project, data directory, ``/run`` or
+    ``/tmp`` of the host, hence no host unix sockets; a new network namespace (no network, no abstract
+    sockets), IPC and UTS namespaces, a new session (no terminal injection), a cleared environment.
+  - a fresh PID namespace whose init is the bootstrap; the user's code runs as its child, so when the code
+    exits, or the call times out, or the trainer dies (``--die-with-parent``), the kernel kills every
+    process of the call, including ones that cleared PDEATHSIG and called ``setsid()``.
+  - an unprivileged user of its own user namespace: as root the sandbox drops to ``user``/``group``
+    (default 65534 `nobody`) *after* bubblewrap has mounted the interpreter (so a venv under ``/root``
+    works), then enters a new user namespace; as a normal user bubblewrap's user namespace maps the
+    caller's uid. Either way no capabilities are left, ``PR_SET_NO_NEW_PRIVS`` is set, and since
+    RLIMIT_NPROC is counted per (user namespace, uid) since Linux 5.14, the process cap is **per call**:
+    a fork bomb in one call cannot starve concurrent calls.
+  - limits: RLIMIT_CPU, RLIMIT_AS (per process), RLIMIT_NPROC (per call, see above), RLIMIT_FSIZE (SIGXFSZ
+    ignored so writes fail with EFBIG), RLIMIT_NOFILE, no core dumps; each tmpfs is capped at
+    ``tmpfs_mb``; and the memory of the whole call (resident anonymous + shmem memory summed over its
+    processes) is polled every ``memory_poll_s`` by the parent, which kills the call above ``memory_mb``.
+    Without cgroups this sum is a watchdog, not an allocator limit: between two polls a call can overshoot
+    by what it allocates in that interval (each process is still bounded by RLIMIT_AS).
+* ``"none"`` (opt-in only, or ``APPO_PYTHON_ISOLATION=none``) — the weaker legacy sandbox: a bootstrap
+  child with rlimits; as root a drop to ``user``, and new network and PID namespaces; not root, a network
+  namespace where the kernel allows it, else a Python-level socket guard. The code sees the host
+  filesystem with that user's permissions (a non-root user's secrets, home and project are exposed),
+  RLIMIT_NPROC is shared by all calls of that user, and /tmp is the host's. For trusted code only.
 
-Not root (a user's laptop): there is no privilege drop (the limits still apply, RLIMIT_NPROC included,
-since it counts the user's processes); network isolation tries an unprivileged user namespace
-(`CLONE_NEWUSER | CLONE_NEWNET`) and, where the kernel forbids that, falls back to a Python-level socket
-guard that makes `socket.socket` raise. That guard is best effort, not a security boundary: run untrusted
-code as root-in-a-container or in a VM. `PythonTool.isolation` reports what was achieved.
-
-Interpreter: the child runs this interpreter, unless the sandbox user cannot read its standard library (a
-pyenv Python under /root); then the system `python3.X` of the same minor version runs, with this
-environment's site-packages on its path (`_sandbox_interpreter`).
+Fail closed: with ``isolation="auto"`` (the default) and no working bubblewrap, the constructor raises
+`SandboxUnavailable` naming the fix (install bubblewrap, or opt into ``isolation="none"``).
 
 Persistent sessions (`persistent=True`): a "session" is one rollout. Instead of a long-lived worker (which
 would have to be forked for branches and could leak state across rollouts), each call **replays** the
-session's earlier successful cells with their output suppressed, then runs the new cell. This keeps calls
-stateless at the process level, makes branches trivial (a branch session is primed with the cells of its
-prefix), and is deterministic for deterministic code. Costs: replay time counts against the call's limits,
-and side effects of earlier cells (files, randomness) are re-run. Replayed cells that raise are skipped.
+session's earlier successful cells with their output suppressed, then runs the new cell. The cells travel
+to the sandbox over its stdin (no file a leftover process could rewrite). Costs: replay time counts
+against the call's limits, and side effects of earlier cells (files, randomness) are re-run. Replayed cells
+that raise are skipped.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import selectors
 import shutil
 import signal
+import site
 import subprocess
 import sys
-import tempfile
+import sysconfig
 import threading
 import time
 from dataclasses import dataclass
@@ -60,53 +69,96 @@ from .base import Tool, ToolOutput
 
 logger = logging.getLogger(__name__)
 
-# Runs in the child as the parent's user (often root), before any user code. Kept as a constant string run
-# with `python -I -c`, so the sandboxed user can never tamper with it.
+ISOLATION_LEVELS = ("bubblewrap", "none")
+"""Levels a `PythonTool` can run at, strongest first (``"auto"`` picks the first that works, or refuses)."""
+
+SANDBOX_ROOT = "/sandbox"
+"""The per-call working directory (a private tmpfs) inside the bubblewrap sandbox."""
+
+
+class SandboxUnavailable(RuntimeError):
+    """The requested isolation cannot be set up on this machine (the message says how to fix it)."""
+
+
+# Runs in the child before any user code; the configuration (limits, cells) arrives as JSON on stdin.
+# Kept as a constant string run with `python -I -c`, so the sandboxed code can never tamper with it.
 _BOOTSTRAP = r"""
 import ast, builtins, ctypes, json, linecache, os, resource, signal, sys, traceback
-cfg = json.loads(sys.argv[1])
+cfg = json.loads(sys.stdin.buffer.read())
+_null = os.open(os.devnull, os.O_RDONLY)
+os.dup2(_null, 0)
+os.close(_null)
 sys.path[:0] = cfg["paths"]
 libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWUSER, CLONE_NEWNET, CLONE_NEWPID = 0x10000000, 0x40000000, 0x20000000
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+def _fail(what):
+    sys.stderr.write("sandbox setup failed: %s: %s\n" % (what, os.strerror(ctypes.get_errno())))
+    sys.stderr.flush()
+    os._exit(125)
+def _drop(uid, gid):
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
 root = os.geteuid() == 0
-net = "none"
-if cfg["isolate_network"]:
-    flags = (CLONE_NEWNET | CLONE_NEWPID) if root else (CLONE_NEWUSER | CLONE_NEWNET)
-    if libc.unshare(flags) == 0:
-        net = "namespace"
-    elif root and libc.unshare(CLONE_NEWNET) == 0:
-        net = "namespace"
-    else:
-        net = "guard"
-pid_ns = root and net == "namespace"
-if pid_ns:
-    # The child becomes PID 1 of the new PID namespace: when it exits, the kernel kills everything it left.
-    child = os.fork()
-    if child:
-        _, status = os.waitpid(child, 0)
-        if os.WIFSIGNALED(status):  # re-raise the child's fate so the host sees the same signal
-            sig = os.WTERMSIG(status)
-            signal.signal(sig, signal.SIG_DFL)
-            os.kill(os.getpid(), sig)
-        os._exit(os.waitstatus_to_exitcode(status))
-for lim, value in cfg["limits"].items():
+pid1 = False
+if cfg["mode"] == "bubblewrap":
+    pid1 = True  # bwrap --as-pid-1: this process is the init of the call's PID namespace
+    if cfg["uid"] is not None:  # host root: bwrap mounted as root; become the sandbox user in a user namespace
+        _drop(cfg["uid"], cfg["gid"])
+        libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE (reset by setuid), or /proc/self/uid_map stays root's
+        if libc.unshare(CLONE_NEWUSER) != 0:
+            _fail("unshare(CLONE_NEWUSER)")
+        for name, text in (("uid_map", "%d %d 1" % ((cfg["uid"],) * 2)), ("setgroups", "deny"),
+                           ("gid_map", "%d %d 1" % ((cfg["gid"],) * 2))):
+            with open("/proc/self/" + name, "w") as f:
+                f.write(text)
+        class _Hdr(ctypes.Structure):
+            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+        class _Data(ctypes.Structure):
+            _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+        if libc.capset(ctypes.byref(_Hdr(0x20080522, 0)), (_Data * 2)()) != 0:  # the new namespace's caps
+            _fail("capset")
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # bwrap --die-with-parent's, cleared by setuid
+else:
+    net = "none"
+    if cfg["isolate_network"]:
+        flags = (CLONE_NEWNET | CLONE_NEWPID) if root else (CLONE_NEWUSER | CLONE_NEWNET)
+        if libc.unshare(flags) == 0:
+            net = "namespace"
+        elif root and libc.unshare(CLONE_NEWNET) == 0:
+            net = "namespace"
+        else:
+            net = "guard"
+    pid1 = root and net == "namespace"
+for lim, value in cfg["limits"].items():  # set after the user namespace exists: RLIMIT_NPROC counts per call
     if value is not None:
         resource.setrlimit(getattr(resource, lim), (value, value if lim != "RLIMIT_CPU" else value + 1))
+if pid1:
+    # The user's code runs as a child of this init: when it exits, init exits and the kernel kills
+    # everything the code left behind in the namespace.
+    child = os.fork()
+    if child:
+        while True:
+            try:
+                _, status = os.waitpid(child, 0)
+                break
+            except InterruptedError:
+                continue
+        os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-if root and cfg["uid"] is not None:
-    os.setgroups([])
-    os.setresgid(cfg["gid"], cfg["gid"], cfg["gid"])
-    os.setresuid(cfg["uid"], cfg["uid"], cfg["uid"])
+if cfg["mode"] != "bubblewrap" and root and cfg["uid"] is not None:
+    _drop(cfg["uid"], cfg["gid"])
 libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-if pid_ns:
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # set after setuid, which clears it
-if net == "guard":
+if pid1:
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+if cfg["mode"] != "bubblewrap" and net == "guard":
     import socket
     def _no_network(*a, **k):
         raise OSError("network access is disabled in this sandbox")
     socket.socket = socket.create_connection = socket.socketpair = _no_network
-del cfg["limits"]
+cells = cfg["cells"]
+del cfg, _drop, _fail
 def _show(value):
     if value is not None:
         print(repr(value))
@@ -120,18 +172,17 @@ def _compile(src, name):
     linecache.cache[name] = (len(src), None, src.splitlines(True), name)  # source lines in tracebacks
     return compile(tree, name, "exec")
 g = {"__name__": "__main__", "__builtins__": builtins, "__appo_show__": _show}
-cells = cfg["cells"]
 out, err = sys.stdout, sys.stderr
-for i, path in enumerate(cells[:-1]):  # replay of a persistent session: silent, errors skipped
+for i, src in enumerate(cells[:-1]):  # replay of a persistent session: silent, errors skipped
     sys.stdout = sys.stderr = open(os.devnull, "w")
     try:
-        exec(_compile(open(path).read(), f"<cell {i}>"), g)
+        exec(_compile(src, f"<cell {i}>"), g)
     except BaseException:
         pass
     finally:
         sys.stdout, sys.stderr = out, err
 try:
-    code = _compile(open(cells[-1]).read(), "<cell>")
+    code = _compile(cells[-1], "<cell>")
 except SyntaxError as e:
     traceback.print_exception(type(e), e, None)
     sys.exit(1)
@@ -162,10 +213,11 @@ class SandboxResult:
     flooded: bool = False
     output_bytes: int = 0
     seconds: float = 0.0
+    memory_exceeded: bool = False
 
     @property
     def failed(self) -> bool:
-        return self.timed_out or self.flooded or self.returncode != 0
+        return self.timed_out or self.flooded or self.memory_exceeded or self.returncode != 0
 
 
 class PythonTool(Tool):
@@ -174,18 +226,24 @@ class PythonTool(Tool):
     Args:
         name: tool name (the tag of the tag protocol: `<python>`).
         timeout: wall-clock seconds per call; the whole process tree is killed after it.
-        cpu_time: CPU seconds (RLIMIT_CPU); defaults to `timeout`.
-        memory_mb: address-space limit (RLIMIT_AS) in MiB.
-        max_processes: RLIMIT_NPROC (processes of the sandbox user, machine-wide).
+        cpu_time: CPU seconds per process (RLIMIT_CPU); defaults to `timeout`.
+        memory_mb: address space per process (RLIMIT_AS) and resident memory summed over the call's
+            processes (polled watchdog), in MiB.
+        max_processes: RLIMIT_NPROC: processes and threads of one call (per call under bubblewrap).
         max_file_size_mb: RLIMIT_FSIZE in MiB.
         max_open_files: RLIMIT_NOFILE.
         max_output_chars: bytes of output kept (the rest is discarded while reading, and reported).
         flood_kill_bytes: a process that writes more than this is killed.
-        user, group: uid/gid the child drops to when the parent is root (None: no drop).
-        isolate_network: enter a new network namespace (or the fallbacks in the module docstring).
+        user, group: uid/gid the sandbox runs as when the parent is root (None: no drop; "none" level only).
+        isolate_network: no network (bubblewrap: a new network namespace; False shares the host's).
         persistent: replay the rollout's earlier successful cells before each call (module docstring).
         python_executable: interpreter for the child (default: this one, so the same packages exist).
-        workdir_root: where throwaway directories are created (default: the system temp dir).
+        workdir_root: "none" level only: where throwaway directories are created (default: the temp dir).
+        isolation: "auto" (bubblewrap, else refuse), "bubblewrap", or "none" (weak, opt-in); the
+            environment variable APPO_PYTHON_ISOLATION sets the default.
+        tmpfs_mb: size cap of each private tmpfs (working directory, /tmp, /dev/shm) in MiB.
+        memory_poll_s: how often the summed memory of a call is checked.
+        bwrap: path of the bubblewrap binary (default: `bwrap` on PATH).
     """
 
     def __init__(
@@ -205,10 +263,15 @@ class PythonTool(Tool):
         persistent: bool = False,
         python_executable: str | None = None,
         workdir_root: str | None = None,
+        isolation: str | None = None,
+        tmpfs_mb: int = 64,
+        memory_poll_s: float = 0.02,
+        bwrap: str | None = None,
     ):
         # The registry's own timeout is a backstop only: the sandbox kills its process tree first.
         super().__init__(self.python, name=name, timeout=timeout + 10.0, max_output_chars=max_output_chars + 256)
         self.wall_timeout = timeout
+        self.memory_limit = int(memory_mb) << 20
         self.limits = {
             "RLIMIT_CPU": int(max(1, round(cpu_time if cpu_time is not None else timeout))),
             "RLIMIT_AS": int(memory_mb) << 20,
@@ -223,14 +286,38 @@ class PythonTool(Tool):
         self.uid, self.gid = (user, group if group is not None else user) if self.is_root else (None, None)
         self.isolate_network = isolate_network
         self.persistent = persistent
-        self.python_executable, self.extra_paths = (
-            (python_executable, []) if python_executable else _sandbox_interpreter(self.uid is not None)
-        )
         self.workdir_root = workdir_root
+        self.tmpfs_bytes = int(tmpfs_mb) << 20
+        self.memory_poll_s = memory_poll_s
         self._sessions: dict[Any, list[str]] = {}
         self._lock = threading.Lock()
-        if not self.is_root:
-            logger.info("PythonTool: not running as root, so the sandbox keeps this user's privileges.")
+        requested = (isolation or os.environ.get("APPO_PYTHON_ISOLATION") or "auto").strip().lower()
+        if requested not in ("auto", *ISOLATION_LEVELS):
+            raise ValueError(f"isolation must be 'auto', 'bubblewrap' or 'none', not {requested!r}")
+        self.python_executable = python_executable or sys.executable
+        self.extra_paths: list[str] = []
+        if requested == "none":
+            self._isolation = "none"
+            self.python_executable, self.extra_paths = (
+                (python_executable, []) if python_executable else _sandbox_interpreter(self.uid is not None)
+            )
+            logger.warning(
+                "PythonTool: isolation='none': model code runs with this machine's filesystem view%s. "
+                "Install bubblewrap for a real sandbox.", "" if self.is_root else " and this user's permissions"
+            )
+        else:
+            self.bwrap = bwrap or shutil.which("bwrap") or ""
+            if self.is_root and self.uid is None:
+                raise ValueError("PythonTool: the bubblewrap sandbox needs a user to drop to when run as root")
+            problem = self._probe()
+            if problem:
+                raise SandboxUnavailable(
+                    f"PythonTool cannot isolate model code: {problem}. Fix: install bubblewrap "
+                    "(Debian/Ubuntu: `apt-get install bubblewrap`, Fedora: `dnf install bubblewrap`; the kernel must "
+                    "allow unprivileged user namespaces), or accept a weak sandbox with PythonTool(isolation='none') "
+                    "or APPO_PYTHON_ISOLATION=none."
+                )
+            self._isolation = "bubblewrap"
 
     def python(self, code: str) -> str:
         """Run Python code in a sandbox and return what it prints (stdout and stderr).
@@ -241,10 +328,19 @@ class PythonTool(Tool):
         return self.run(code).text
 
     @property
-    def isolation(self) -> dict[str, Any]:
-        """What this process can enforce: privilege drop, and the network mode (namespace/guard/none)."""
-        return {"drops_privileges": self.uid is not None, "isolate_network": self.isolate_network,
-                "root": self.is_root}
+    def isolation(self) -> str:
+        """The isolation level achieved: "bubblewrap" or "none" (see the module docstring)."""
+        return self._isolation
+
+    def describe_isolation(self) -> str:
+        """One line for the trainer's log: the level and what it guarantees."""
+        if self._isolation == "bubblewrap":
+            who = f"uid {self.uid} in a user namespace" if self.uid is not None else "this uid in a user namespace"
+            return (f"{self.name}: isolation=bubblewrap ({who}; private fs, PID, network, IPC namespaces; "
+                    f"per-call limits: {self.limits['RLIMIT_NPROC']} processes, {self.memory_limit >> 20} MiB, "
+                    f"{self.wall_timeout:g} s)")
+        return (f"{self.name}: isolation=none (WEAK: rlimits only{', uid drop and net/PID namespaces' if self.is_root else ''};"
+                " the host filesystem is visible)")
 
     # -- Tool hooks (sessions) ----------------------------------------------------------------------------
 
@@ -279,77 +375,136 @@ class PythonTool(Tool):
 
     # -- the sandbox --------------------------------------------------------------------------------------
 
+    def _bwrap_command(self) -> list[str]:
+        tmpfs = ["--size", str(self.tmpfs_bytes)]
+        cmd = [self.bwrap, "--die-with-parent", "--new-session", "--as-pid-1", "--clearenv",
+               "--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try"]
+        if self.isolate_network:
+            cmd.append("--unshare-net")
+        if self.is_root:  # bwrap runs privileged; the bootstrap drops to self.uid, then enters a user namespace
+            cmd += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+        else:
+            cmd += ["--unshare-user", "--disable-userns"]
+        # The tmpfs mounts come first, so an interpreter under /tmp or the working directory's path still shows.
+        cmd += ["--perms", "1777", *tmpfs, "--tmpfs", "/tmp", "--perms", "0777", *tmpfs, "--tmpfs", SANDBOX_ROOT]
+        made: set[str] = set()
+        for path in _readonly_paths(self.python_executable):
+            parts = path.strip("/").split("/")[:-1]
+            for i in range(1, len(parts) + 1):  # traversable parents (bwrap would copy /root's 0700)
+                parent = "/" + "/".join(parts[:i])
+                if parent not in made and parent not in (SANDBOX_ROOT, "/tmp"):
+                    made.add(parent)
+                    cmd += ["--perms", "0755", "--dir", parent]
+            cmd += ["--ro-bind", path, path]
+        for link, target in _root_links():
+            cmd += ["--symlink", target, link]
+        cmd += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", *tmpfs, "--tmpfs", "/dev/shm",
+                "--chdir", SANDBOX_ROOT]
+        for key, value in self._env(SANDBOX_ROOT, "/tmp").items():
+            cmd += ["--setenv", key, value]
+        return [*cmd, "--", self.python_executable, "-I", "-u", "-c", _BOOTSTRAP]
+
+    def _env(self, home: str, tmp: str) -> dict[str, str]:
+        return {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": home,
+            "TMPDIR": tmp,
+            "LANG": "C.UTF-8",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONIOENCODING": "utf-8",
+            # Thread pools of numeric libraries reserve address space per thread; one is plenty.
+            "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        }
+
+    def _probe(self) -> str:
+        """Why bubblewrap cannot run a trivial call here ('' when it can); cached per configuration."""
+        if not self.bwrap:
+            return "bubblewrap (`bwrap`) is not installed"
+        return _probe_cached(tuple(self._bwrap_command()), json.dumps(self._config(["print(6 * 7)"])),
+                             self.uid is not None)
+
+    def _config(self, cells: list[str]) -> dict[str, Any]:
+        return {"mode": self._isolation if hasattr(self, "_isolation") else "bubblewrap", "limits": self.limits,
+                "uid": self.uid, "gid": self.gid, "cells": cells, "isolate_network": self.isolate_network,
+                "paths": self.extra_paths}
+
     def run(self, code: str, history: list[str] | None = None) -> SandboxResult:
         """Execute `code` (after silently replaying `history`) in a fresh sandboxed process."""
         start = time.monotonic()
-        workdir = tempfile.mkdtemp(prefix="appo-python-", dir=self.workdir_root)
-        try:
-            cells = []
-            for i, src in enumerate([*(history or []), code]):
-                path = os.path.join(workdir, f".cell_{i}.py")
-                with open(path, "w", encoding="utf-8") as f:
-                    f.write(src)
-                cells.append(path)
+        config = json.dumps(self._config([*(history or []), code])).encode()
+        workdir = None
+        if self._isolation == "bubblewrap":
+            popen = {"args": self._bwrap_command(), "cwd": "/", "env": {"PATH": "/usr/bin:/bin"}}
+        else:
+            import tempfile
+
+            workdir = tempfile.mkdtemp(prefix="appo-python-", dir=self.workdir_root)
             os.chmod(workdir, 0o700)
             if self.uid is not None:
                 os.chown(workdir, self.uid, self.gid)
-            config = {"limits": self.limits, "uid": self.uid, "gid": self.gid, "cells": cells,
-                      "isolate_network": self.isolate_network, "paths": self.extra_paths}
-            env = {
-                "PATH": "/usr/local/bin:/usr/bin:/bin",
-                "HOME": workdir,
-                "TMPDIR": workdir,
-                "LANG": "C.UTF-8",
-                "PYTHONDONTWRITEBYTECODE": "1",
-                "PYTHONIOENCODING": "utf-8",
-                # Thread pools of numeric libraries reserve address space per thread; one is plenty.
-                "OMP_NUM_THREADS": "1",
-                "OPENBLAS_NUM_THREADS": "1",
-                "MKL_NUM_THREADS": "1",
-            }
+            popen = {"args": [self.python_executable, "-I", "-u", "-c", _BOOTSTRAP], "cwd": workdir,
+                     "env": self._env(workdir, workdir)}
+        try:
             proc = subprocess.Popen(
-                [self.python_executable, "-I", "-u", "-c", _BOOTSTRAP, json.dumps(config)],
-                stdin=subprocess.DEVNULL,
+                **popen,
+                stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                cwd=workdir,
-                env=env,
                 start_new_session=True,  # own process group: a timeout kills the whole tree
             )
             try:
-                kept, total, timed_out, flooded = self._read_output(proc, start + self.wall_timeout)
+                _feed(proc, config)
+                kept, total, timed_out, flooded, memory = self._read_output(proc, start + self.wall_timeout)
             finally:
+                if self._isolation == "bubblewrap":
+                    _kill_tree(proc.pid)
                 _kill_group(proc.pid)
                 proc.wait()
                 if proc.stdout is not None:
                     proc.stdout.close()
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            if workdir is not None:
+                shutil.rmtree(workdir, ignore_errors=True)
         text = kept.decode("utf-8", errors="replace")
         if total > len(kept):
             text += f"\n... [output truncated: {total - len(kept)} more bytes]"
+        code_ = proc.returncode
+        sig = -code_ if code_ is not None and code_ < 0 else None
+        if sig is None and self._isolation == "bubblewrap" and code_ is not None and 128 < code_ < 160:
+            sig = code_ - 128  # the sandbox's init reports a child killed by a signal as 128 + signal
         if timed_out:
             text += f"\nTimeoutError: execution exceeded the {self.wall_timeout:g} s time limit (process killed)"
         elif flooded:
             text += f"\n[process killed: output exceeded {self.flood_kill_bytes} bytes]"
-        elif proc.returncode is not None and proc.returncode < 0:
-            sig = -proc.returncode
-            reason = _SIGNAL_REASONS.get(sig, f"signal {sig}")
-            text += f"\n[process killed: {reason}]"
-        return SandboxResult(text.strip("\n"), proc.returncode, timed_out, flooded, total, time.monotonic() - start)
+        elif memory:
+            text += (f"\nMemoryError: the call's processes together used more than {self.memory_limit >> 20} MiB "
+                     "(all processes killed)")
+        elif sig is not None:
+            text += f"\n[process killed: {_SIGNAL_REASONS.get(sig, f'signal {sig}')}]"
+        return SandboxResult(text.strip("\n"), code_, timed_out, flooded, total, time.monotonic() - start, memory)
 
-    def _read_output(self, proc: subprocess.Popen, deadline: float) -> tuple[bytes, int, bool, bool]:
-        """Read merged stdout/stderr in chunks until EOF, the deadline, or a flood; keep only the head."""
+    def _read_output(self, proc: subprocess.Popen, deadline: float) -> tuple[bytes, int, bool, bool, bool]:
+        """Read merged stdout/stderr in chunks until EOF, the deadline, a flood or too much memory."""
         kept = bytearray()
         total = 0
         fd = proc.stdout.fileno()
+        watch = self._isolation == "bubblewrap" and self.memory_poll_s > 0
+        next_poll = time.monotonic() + self.memory_poll_s
         with selectors.DefaultSelector() as sel:
             sel.register(fd, selectors.EVENT_READ)
             while True:
-                remaining = deadline - time.monotonic()
+                now = time.monotonic()
+                remaining = deadline - now
                 if remaining <= 0:
-                    return bytes(kept), total, True, False
-                if not sel.select(timeout=remaining):
+                    return bytes(kept), total, True, False, False
+                if watch and now >= next_poll:
+                    next_poll = now + self.memory_poll_s
+                    if _tree_memory(proc.pid) > self.memory_limit:
+                        return bytes(kept), total, False, False, True
+                ready = sel.select(timeout=min(remaining, self.memory_poll_s) if watch else remaining)
+                if not ready:
                     continue
                 chunk = os.read(fd, 65536)
                 if not chunk:
@@ -358,12 +513,125 @@ class PythonTool(Tool):
                 if len(kept) < self.output_limit:
                     kept += chunk[: self.output_limit - len(kept)]
                 if total > self.flood_kill_bytes:
-                    return bytes(kept), total, False, True
+                    return bytes(kept), total, False, True, False
         try:
             proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:  # closed its output but keeps running
-            return bytes(kept), total, True, False
-        return bytes(kept), total, False, False
+            return bytes(kept), total, True, False, False
+        return bytes(kept), total, False, False, False
+
+
+def describe_isolation(tools: Any) -> str:
+    """One line per sandboxed tool saying the isolation level achieved (for the trainer's start-up log).
+
+    `tools` is a `ToolRegistry`, a list of tools, or None; tools without an `isolation` are skipped.
+    """
+    if tools is None:
+        return "no tools"
+    items = getattr(tools, "tools", None)
+    if isinstance(items, dict):
+        items = list(items.values())
+    items = list(items if items is not None else tools)
+    lines = [t.describe_isolation() for t in items if callable(getattr(t, "describe_isolation", None))]
+    return "; ".join(lines) if lines else "no sandboxed tools"
+
+
+def _feed(proc: subprocess.Popen, data: bytes) -> None:
+    """Send the bootstrap its configuration; a sandbox that died before reading it shows its own error."""
+    try:
+        proc.stdin.write(data)
+        proc.stdin.close()
+    except (BrokenPipeError, OSError):
+        pass
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                out.extend(int(c) for c in f.read().split())
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def _tree_memory(pid: int) -> int:
+    """Resident anonymous + shmem bytes summed over `pid` and all its descendants (via /proc)."""
+    total, stack, seen = 0, [pid], set()
+    while stack:
+        p = stack.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            with open(f"/proc/{p}/status", "rb") as f:
+                for line in f:
+                    if line.startswith((b"RssAnon:", b"RssShmem:")):
+                        total += int(line.split()[1]) << 10
+        except (OSError, ValueError):
+            continue
+        stack.extend(_children(p))
+    return total
+
+
+def _kill_tree(bwrap_pid: int) -> None:
+    """Kill the init of the call's PID namespace (bwrap's child): the kernel then kills the whole namespace."""
+    for pid in _children(bwrap_pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_cached(command: tuple[str, ...], config: str, drops: bool) -> str:
+    try:
+        out = subprocess.run(list(command), input=config.encode(), capture_output=True, timeout=60,
+                             cwd="/", env={"PATH": "/usr/bin:/bin"})
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"bubblewrap did not run ({exc})"
+    if out.returncode == 0 and out.stdout.strip() == b"42":
+        return ""
+    msg = (out.stdout + out.stderr).decode(errors="replace").strip().splitlines()
+    return f"a test call in bubblewrap failed ({msg[-1] if msg else f'exit status {out.returncode}'})"
+
+
+def _readonly_paths(executable: str) -> list[str]:
+    """Host paths the sandbox sees read-only: /usr, the loader cache, the interpreter, its venv and packages."""
+    paths = ["/usr", "/etc/ld.so.cache", "/etc/alternatives"]
+    paths += _interpreter_paths(os.path.abspath(executable))
+    out: list[str] = []
+    for p in sorted({os.path.realpath(p) for p in paths if os.path.exists(p)} |
+                    {os.path.abspath(p) for p in paths if os.path.exists(p)}, key=len):
+        if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in out):
+            out.append(p)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_paths(executable: str) -> list[str]:
+    """The prefixes and package directories of `executable` (this process's, or asked from the interpreter)."""
+    probe = ("import json, site, sys, sysconfig; print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, "
+             "sys.base_exec_prefix, *sysconfig.get_paths().values(), *site.getsitepackages()]))")
+    if executable == os.path.abspath(sys.executable):
+        paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+                 *sysconfig.get_paths().values(), *site.getsitepackages()]
+    else:
+        out = subprocess.run([executable, "-I", "-c", probe], capture_output=True, text=True, timeout=60)
+        paths = json.loads(out.stdout) if out.returncode == 0 else []
+    paths.append(os.path.dirname(executable))
+    return [p for p in paths if p and os.path.isdir(p) and p != "/"]
+
+
+def _root_links() -> list[tuple[str, str]]:
+    """Top-level merged-/usr links (/bin -> usr/bin, ...) recreated in the sandbox."""
+    links = []
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        path = "/" + name
+        if os.path.islink(path):
+            links.append((path, os.readlink(path)))
+    return links
 
 
 def _world_readable(path: str) -> bool:
@@ -381,29 +649,25 @@ def _world_readable(path: str) -> bool:
 
 
 def _sandbox_interpreter(drops_privileges: bool) -> tuple[str, list[str]]:
-    """Pick an interpreter whose standard library the unprivileged sandbox user can read.
+    """"none" level only: an interpreter whose standard library *and* packages the sandbox user can read.
 
-    A pyenv/conda Python installed under /root starts fine in the child (it starts as root) but cannot import
-    anything after the privilege drop. Then use the system Python of the same minor version and put this
-    environment's site-packages (when world-readable) on its path, so numpy/sympy stay available.
+    A pyenv/conda Python under /root cannot import anything after the privilege drop. Then the system Python
+    of the same minor version runs with this environment's site-packages on its path, but only if all of
+    them are readable, so the user's packages are present; otherwise this fails with the fix.
     """
-    import site
-    import sysconfig
-
     if not drops_privileges or _world_readable(sysconfig.get_paths()["stdlib"]):
         return sys.executable, []
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    paths = [p for p in site.getsitepackages() if os.path.isdir(p) and _world_readable(p)]
-    for candidate in (f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"):
-        if os.path.exists(candidate) and _world_readable(f"/usr/lib/python{version}"):
-            return candidate, paths
-    logger.warning(
-        "PythonTool: the standard library of %s is not readable by the sandbox user and no system "
-        "python%s was found; sandboxed code can only use modules imported before the privilege drop.",
-        sys.executable,
-        version,
+    packages = [p for p in site.getsitepackages() if os.path.isdir(p)]
+    if all(_world_readable(p) for p in packages):
+        for candidate in (f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"):
+            if os.path.exists(candidate) and _world_readable(f"/usr/lib/python{version}"):
+                return candidate, packages
+    raise SandboxUnavailable(
+        f"PythonTool(isolation='none'): the sandbox user cannot read {sys.executable}'s standard library or "
+        "packages. Fix: install bubblewrap and use the default isolation (it mounts the interpreter read-only), "
+        "or pass user=None (no privilege drop)."
     )
-    return sys.executable, paths
 
 
 def _kill_group(pgid: int) -> None:

@@ -101,9 +101,37 @@ def _drop(uid, gid):
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
 root = os.geteuid() == 0
+class _Hdr(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+class _Data(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+def _no_caps():
+    if libc.capset(ctypes.byref(_Hdr(0x20080522, 0)), (_Data * 2)()) != 0:
+        _fail("capset")
+def _limits():  # after the user namespace exists: RLIMIT_NPROC counts per (user namespace, uid), i.e. per call
+    for lim, value in cfg["limits"].items():
+        if value is not None:
+            resource.setrlimit(getattr(resource, lim), (value, value if lim != "RLIMIT_CPU" else value + 1))
+def _init(child):
+    # The init of the call's PID namespace (bwrap --as-pid-1). The user's code is its child: when that exits,
+    # init exits and the kernel kills everything the code left behind in the namespace. Init keeps the
+    # caller's uid (root: with no capabilities left), so the code cannot signal or trace it, while the dying
+    # bwrap can still deliver the --die-with-parent SIGKILL to it.
+    if root:
+        _no_caps()
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    while True:
+        try:
+            _, status = os.waitpid(child, 0)
+            break
+        except InterruptedError:
+            continue
+    os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
 pid1 = False
 if cfg["mode"] == "bubblewrap":
-    pid1 = True  # bwrap --as-pid-1: this process is the init of the call's PID namespace
+    _child = os.fork()
+    if _child:
+        _init(_child)
     if cfg["uid"] is not None:  # host root: bwrap mounted as root; become the sandbox user in a user namespace
         _drop(cfg["uid"], cfg["gid"])
         libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE (reset by setuid), or /proc/self/uid_map stays root's
@@ -113,13 +141,9 @@ if cfg["mode"] == "bubblewrap":
                            ("gid_map", "%d %d 1" % ((cfg["gid"],) * 2))):
             with open("/proc/self/" + name, "w") as f:
                 f.write(text)
-        class _Hdr(ctypes.Structure):
-            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-        class _Data(ctypes.Structure):
-            _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
-        if libc.capset(ctypes.byref(_Hdr(0x20080522, 0)), (_Data * 2)()) != 0:  # the new namespace's caps
-            _fail("capset")
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # bwrap --die-with-parent's, cleared by setuid
+        _no_caps()  # those the new user namespace grants
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _limits()
 else:
     net = "none"
     if cfg["isolate_network"]:
@@ -131,34 +155,24 @@ else:
         else:
             net = "guard"
     pid1 = root and net == "namespace"
-for lim, value in cfg["limits"].items():  # set after the user namespace exists: RLIMIT_NPROC counts per call
-    if value is not None:
-        resource.setrlimit(getattr(resource, lim), (value, value if lim != "RLIMIT_CPU" else value + 1))
-if pid1:
-    # The user's code runs as a child of this init: when it exits, init exits and the kernel kills
-    # everything the code left behind in the namespace.
-    child = os.fork()
-    if child:
-        while True:
-            try:
-                _, status = os.waitpid(child, 0)
-                break
-            except InterruptedError:
-                continue
-        os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+    if pid1:
+        _child = os.fork()
+        if _child:
+            _init(_child)
+    _limits()
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 if cfg["mode"] != "bubblewrap" and root and cfg["uid"] is not None:
     _drop(cfg["uid"], cfg["gid"])
 libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
 if pid1:
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # set after setuid, which clears it
 if cfg["mode"] != "bubblewrap" and net == "guard":
     import socket
     def _no_network(*a, **k):
         raise OSError("network access is disabled in this sandbox")
     socket.socket = socket.create_connection = socket.socketpair = _no_network
 cells = cfg["cells"]
-del cfg, _drop, _fail
+del cfg, _drop, _fail, _init, _limits, _no_caps
 def _show(value):
     if value is not None:
         print(repr(value))
@@ -183,7 +197,7 @@ for i, src in enumerate(cells[:-1]):  # replay of a persistent session: silent, 
         sys.stdout, sys.stderr = out, err
 try:
     code = _compile(cells[-1], "<cell>")
-except SyntaxError as e:
+except (SyntaxError, ValueError) as e:  # ValueError: null bytes in the source
     traceback.print_exception(type(e), e, None)
     sys.exit(1)
 try:

@@ -439,12 +439,17 @@ def test_output_flood_is_truncated(tok):
          "invalid arguments for tool 'add': missing a required argument: 'b'"),
         ('<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 4, "c": 5}}\n</tool_call><|im_end|>',
          "invalid arguments for tool 'add'"),
+        # JSON nested 3000 deep: the parser raises RecursionError, which must not escape RolloutEngine.run.
+        ('<tool_call>\n{"name": "add", "arguments": {"a": ' + "[" * 3000 + "]" * 3000 + ', "b": 1}}\n</tool_call>'
+         "<|im_end|>", "malformed tool call"),
+        ('<tool_call>\n{"name": "add", "arguments": "' + "[" * 3000 + '"}\n</tool_call><|im_end|>',
+         "malformed"),
     ],
-    ids=["malformed-json", "unknown-tool", "missing-arg", "extra-arg"],
+    ids=["malformed-json", "unknown-tool", "missing-arg", "extra-arg", "nested-3000-deep", "nested-json-string"],
 )
 def test_chat_bad_input_becomes_an_error_result(tok, call, expected):
     messages = [{"role": "user", "content": "add"}]
-    engine = RolloutEngine(None, tok, ChatTemplateProtocol(tok), [add], max_completion_length=512)
+    engine = RolloutEngine(None, tok, ChatTemplateProtocol(tok), [add], max_completion_length=8192)
     (prompt_ids,) = engine.tokenize_prompts([messages])
     engine.generate_fn = Scripted(tok, len(prompt_ids), [call, "Sorry.<|im_end|>"], "<|im_start|>assistant\n")
     (r,) = engine.run([prompt_ids])
@@ -452,6 +457,24 @@ def test_chat_bad_input_becomes_an_error_result(tok, call, expected):
     assert len(tool_messages) == 1 and expected in tool_messages[0]["content"]
     assert r.tool_stats.failures == 1 and r.finish_reason == "stop"
     assert r.messages[-1] == {"role": "assistant", "content": "Sorry."}
+
+
+def test_any_parse_exception_becomes_a_tool_error(tok):
+    """Whatever a protocol's parser raises (here a RecursionError) is a tool error in the trajectory."""
+
+    class Exploding(TagProtocol):
+        def parse_turn(self, run_ids, context_ids, end, tools):
+            if end == "stop":
+                raise RecursionError("maximum recursion depth exceeded")
+            return super().parse_turn(run_ids, context_ids, end, tools)
+
+    protocol = Exploding(tok)
+    engine = RolloutEngine(None, tok, protocol, [_calculator], max_completion_length=256)
+    prompt_ids = encode(tok, "Q")
+    engine.generate_fn = Scripted(tok, len(prompt_ids), ["<python>1+1</python>", " done"], "</result>")
+    (r,) = engine.run([prompt_ids])
+    assert r.tool_stats.failures == 1
+    assert "malformed tool call: could not parse it (RecursionError)" in tok.decode(r.completion_ids)
 
 
 # ---------------------------------------------------------------------------------------------------------------

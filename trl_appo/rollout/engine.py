@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..tools.base import Tool, ToolCall, ToolRegistry, ToolResult, ToolStats
-from .protocols import ToolProtocol, model_runs
+from .protocols import ToolProtocol, TurnParse, model_runs
 
 GenerateFn = Callable[[list[list[int]], int, int], tuple[list[list[int]], list[list[float]] | None]]
 FinishReason = Literal["stop", "length", "tool_limit", "context"]
@@ -226,9 +226,17 @@ class RolloutEngine:
             if is_model and nxt[2] == 0:
                 run = row.completion_ids[start:end]
                 end_kind = self.protocol.run_end(run)
-                calls += self.protocol.parse_turn(run, row.prompt_ids + row.completion_ids[:start], end_kind,
-                                                  self.tools).calls
+                calls += self._parse_turn(run, row.prompt_ids + row.completion_ids[:start], end_kind).calls
         return calls
+
+    def _parse_turn(self, run: list[int], context_ids: list[int], end: Any) -> TurnParse:
+        """The protocol's parse, where any exception (RecursionError on deeply nested JSON, a template
+        parser's bug, ...) becomes a tool error the model sees instead of killing the step."""
+        try:
+            return self.protocol.parse_turn(run, context_ids, end, self.tools)
+        except Exception as exc:  # noqa: BLE001
+            error = f"malformed tool call: could not parse it ({type(exc).__name__})"
+            return TurnParse(calls=[ToolCall("unknown", {}, error=error)])
 
     def _settle(self, row: _Row) -> _Row:
         """Classify the trailing model run: pending calls, end of episode, or keep generating."""
@@ -236,7 +244,7 @@ class RolloutEngine:
         run = row.completion_ids[start:]
         end = self.protocol.run_end(run) if run else None
         if end is not None:
-            parsed = self.protocol.parse_turn(run, row.prompt_ids + row.completion_ids[:start], end, self.tools)
+            parsed = self._parse_turn(run, row.prompt_ids + row.completion_ids[:start], end)
             if parsed.calls:
                 row.pending = parsed.calls
             elif parsed.ends_episode:

@@ -212,8 +212,14 @@ class ChatTemplateProtocol(ToolProtocol):
     def parse_turn(self, run_ids: list[int], context_ids: list[int], end: RunEnd, tools: ToolRegistry) -> TurnParse:
         if end != "eos":
             return TurnParse()
-        message = self._parse_message(run_ids, context_ids, tools)
-        calls = [self._to_call(c) for c in message.get("tool_calls") or []]
+        try:
+            message = self._parse_message(run_ids, context_ids, tools)
+            calls = [self._to_call(c) for c in message.get("tool_calls") or []]
+        except Exception as exc:  # noqa: BLE001 - any parser failure (RecursionError on deep JSON, ...)
+            # is the model's malformed call, told to the model, never an exception out of the rollout.
+            n_open = max(1, self.decode(run_ids).count(self.call_open))
+            error = f"malformed tool call: could not parse it ({type(exc).__name__})"
+            return TurnParse(calls=[ToolCall("unknown", {}, error=error) for _ in range(n_open)])
         # A call the parser could not read vanishes from the message (parse_response falls back to text):
         # count the opening markers so the model is told about it instead of the episode silently ending.
         n_open = self.decode(run_ids).count(self.call_open)
@@ -223,14 +229,21 @@ class ChatTemplateProtocol(ToolProtocol):
 
     @staticmethod
     def _to_call(tool_call: dict) -> ToolCall:
+        if not isinstance(tool_call, dict):
+            return ToolCall("unknown", {}, error="malformed tool call: not a JSON object")
         function = tool_call.get("function", tool_call)
+        if not isinstance(function, dict):
+            return ToolCall("unknown", {}, error="malformed tool call: 'function' is not a JSON object")
         name = function.get("name", "unknown")
+        name = name if isinstance(name, str) else "unknown"
         arguments = function.get("arguments", {})
         if isinstance(arguments, str):  # some templates keep the arguments as a JSON string
             try:
                 arguments = json.loads(arguments)
             except json.JSONDecodeError as exc:
                 return ToolCall(name, {}, error=f"malformed arguments for tool '{name}': {exc}")
+            except (RecursionError, ValueError, MemoryError) as exc:  # e.g. JSON nested 1000 deep
+                return ToolCall(name, {}, error=f"malformed arguments for tool '{name}': {type(exc).__name__}")
         if not isinstance(arguments, dict):
             return ToolCall(name, {}, error=f"arguments of tool '{name}' must be a JSON object")
         return ToolCall(name, arguments)
@@ -272,9 +285,13 @@ class ChatTemplateProtocol(ToolProtocol):
             run = completion_ids[start:end]
             context = prompt_ids + completion_ids[:start]
             if is_model:
-                message = self._parse_message(run, context, tools)
+                try:
+                    message = self._parse_message(run, context, tools)
+                    last_calls = [self._to_call(c) for c in message.get("tool_calls") or []]
+                except Exception:  # noqa: BLE001 - unparseable (e.g. nested too deep): keep the raw text
+                    message = {"role": "assistant", "content": self.decode(run, skip_special_tokens=True)}
+                    last_calls = []
                 messages.append(message)
-                last_calls = [self._to_call(c) for c in message.get("tool_calls") or []]
             elif start in known_tool_messages:
                 messages.extend(known_tool_messages[start])
             else:

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..rewards import escape_tool_output
 from ..tools.base import ToolCall, ToolRegistry, ToolResult
 
 RunEnd = Literal["eos", "stop"] | None  # how a model run ended: end-of-turn token, stop string, or still open
@@ -159,7 +160,8 @@ class TagProtocol(ToolProtocol):
     def render_results(
         self, calls: list[ToolCall], results: list[ToolResult], context_ids: list[int]
     ) -> tuple[list[int], list[dict]]:
-        text = "".join(self.result_template.format(content=r.content) for r in results)
+        # Escaped, so an output containing "</result><answer>..." cannot pass for the model's own text.
+        text = "".join(self.result_template.format(content=escape_tool_output(r.content)) for r in results)
         return self.encode(text), [{"role": "tool", "name": r.name, "content": r.content} for r in results]
 
     def messages(self, prompt_ids, completion_ids, model_mask, known_tool_messages, tools) -> list[dict]:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
+import os
+import sqlite3
 import subprocess
 import sys
 
@@ -90,6 +94,84 @@ def test_cache_is_safe_with_two_processes_writing(tmp_path):
     cache = SearchCache(path)
     assert len(cache) == 300
     assert cache.get(SearchCache.key("b", "P2 QUERY 149", 5))[0].text == "149"
+
+
+class _Counting:
+    name = "counting"
+
+    def __init__(self):
+        self.calls = 0
+
+    def search(self, query: str, top_k: int) -> list[SearchHit]:
+        self.calls += 1
+        return [SearchHit(text=f"about {query}", title="T")]
+
+
+def _good_cache(path):
+    tool = SearchTool(_Counting(), cache=path)
+    for i in range(50):
+        tool.search(f"query {i}")
+    del tool
+    gc.collect()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty-garbage-header", "wrong-table"])
+def test_a_damaged_cache_file_is_set_aside_and_rebuilt(tmp_path, caplog, damage):
+    path = tmp_path / "cache.sqlite"
+    if damage == "truncated":
+        _good_cache(path)
+        for suffix in ("-wal", "-shm"):
+            (tmp_path / f"cache.sqlite{suffix}").unlink(missing_ok=True)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2 + 100])
+    elif damage == "garbage":
+        path.write_bytes(os.urandom(5000))
+    elif damage == "empty-garbage-header":
+        path.write_bytes(b"SQLite format 3\x00" + b"\xff" * 200)
+    else:
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE cache (a INTEGER)")
+        conn.commit()
+        conn.close()
+    with caplog.at_level(logging.WARNING, logger="trl_appo.tools.search"):
+        backend = _Counting()
+        tool = SearchTool(backend, cache=path)  # construction never fails on a damaged file
+        assert tool.search("hello") == tool.search("hello") == "Page 1: T: about hello"
+    assert backend.calls == 1  # the rebuilt cache works
+    assert any("damaged" in r.message for r in caplog.records)
+    assert list(tmp_path.glob("cache.sqlite.corrupt-*"))  # set aside, not deleted
+
+
+def test_a_cache_damaged_while_in_use_is_rebuilt_at_the_next_query(tmp_path, caplog):
+    path = tmp_path / "cache.sqlite"
+    backend = _Counting()
+    tool = SearchTool(backend, cache=path)
+    tool.search("before")
+    tool.cache._close_local()
+    for suffix in ("", "-wal", "-shm"):
+        p = tmp_path / f"cache.sqlite{suffix}"
+        if p.exists():
+            p.write_bytes(os.urandom(4096))
+    with caplog.at_level(logging.WARNING, logger="trl_appo.tools.search"):
+        assert tool.search("after") == "Page 1: T: about after"
+        assert tool.search("after") == "Page 1: T: about after"
+    assert backend.calls == 2 and any("damaged" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("value", ["not json", '{"text": "a dict, not a list"}', '[{"nope": 1}]', "[1, 2]"])
+def test_one_bad_row_is_dropped_and_recomputed(tmp_path, caplog, value):
+    path = tmp_path / "cache.sqlite"
+    backend = _Counting()
+    tool = SearchTool(backend, cache=path)
+    tool.search("good")
+    key = SearchCache.key(backend.name, "bad", tool.top_k)
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO cache (key, value) VALUES (?, ?)", (key, value))
+    with caplog.at_level(logging.WARNING, logger="trl_appo.tools.search"):
+        assert tool.search("bad") == "Page 1: T: about bad"
+    assert tool.search("bad") == "Page 1: T: about bad" and tool.search("good") == "Page 1: T: about good"
+    assert backend.calls == 2  # "good" stayed cached, "bad" was recomputed once and cached again
+    assert any("unreadable row" in r.message for r in caplog.records)
 
 
 def test_http_backend_is_a_configurable_skeleton():

@@ -18,6 +18,7 @@ are byte-identical to the paper's.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -31,6 +32,8 @@ from typing import Any, Protocol, runtime_checkable
 from filelock import FileLock
 
 from .base import Tool, ToolOutput
+
+logger = logging.getLogger(__name__)
 
 NO_RESULTS = "No search results found."
 _TOKEN_RE = re.compile(r"\w+")
@@ -267,44 +270,142 @@ class SearchCache:
 
     WAL mode lets readers proceed while one writer commits; `timeout` makes a writer wait for the lock
     instead of failing. Each thread opens its own connection (sqlite connections are not thread-safe).
+
+    A cache is only a cache: a file that is not a database (truncated, garbage), fails sqlite's quick check or
+    lacks the table is moved aside (``<path>.corrupt-<time>``, with a warning) and rebuilt empty, at
+    construction or when a later query hits the damage; a row that does not decode is deleted (with a
+    warning) and recomputed. Neither construction nor a query fails permanently because of the file.
     """
 
     def __init__(self, path: str | os.PathLike, timeout: float = 30.0):
         self.path = str(path)
         self.timeout = timeout
         self._local = threading.local()
+        self._generation = 0  # bumped on every rebuild: threads reopen their connections
+        self._rebuild_lock = threading.Lock()
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         # Switching to WAL and creating the table need an exclusive lock, and sqlite answers a concurrent switch
         # with SQLITE_BUSY *without* waiting on the busy timeout; a file lock serialises set-up across processes.
         with FileLock(self.path + ".lock", timeout=timeout):
-            conn = self._connect()
-            conn.execute("PRAGMA journal_mode=WAL")
-            with conn:
-                conn.execute("CREATE TABLE IF NOT EXISTS cache (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            try:
+                self._setup(check=True)
+            except sqlite3.DatabaseError as exc:
+                self._set_aside(exc)
+                self._setup(check=False)
+
+    def _setup(self, check: bool) -> None:
+        conn = self._connect()
+        if check and os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+            verdict = conn.execute("PRAGMA quick_check").fetchone()
+            if verdict is None or verdict[0] != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {verdict[0] if verdict else 'no answer'}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        with conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS cache (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(cache)")]
+        if columns[:2] != ["key", "value"]:
+            raise sqlite3.DatabaseError(f"unexpected cache table columns {columns}")
+
+    def _set_aside(self, exc: BaseException) -> None:
+        """Close this thread's connection and move the damaged file (and its WAL) out of the way."""
+        self._close_local()
+        aside = f"{self.path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.replace(self.path + suffix, aside + suffix)
+            except FileNotFoundError:
+                pass
+        self._generation += 1
+        logger.warning("SearchCache: %s is damaged (%s); moved it to %s and started an empty cache.",
+                       self.path, exc, aside)
+
+    def _rebuild(self, exc: BaseException) -> None:
+        with self._rebuild_lock, FileLock(self.path + ".lock", timeout=self.timeout):
+            # Another thread or process may have rebuilt it already: only set aside what still fails.
+            self._close_local()
+            try:
+                self._setup(check=True)
+                return
+            except sqlite3.DatabaseError:
+                pass
+            self._set_aside(exc)
+            self._setup(check=False)
+
+    def _close_local(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
 
     def _connect(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
+        if conn is not None and getattr(self._local, "generation", None) != self._generation:
+            self._close_local()
+            conn = None
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=self.timeout)
             conn.execute("PRAGMA synchronous=NORMAL")  # WAL is persistent: set once in __init__
             self._local.conn = conn
+            self._local.generation = self._generation
         return conn
+
+    def _guarded(self, fn: Callable[[sqlite3.Connection], Any], default: Any) -> Any:
+        """`fn(connection)`; on damage rebuild once and retry; if that fails too, `default` (a cache miss)."""
+        for attempt in range(2):
+            try:
+                return fn(self._connect())
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc) or "busy" in str(exc) or attempt:
+                    logger.warning("SearchCache: %s: %s (treated as a cache miss)", self.path, exc)
+                    return default
+                damage = exc
+            except sqlite3.DatabaseError as exc:
+                if attempt:
+                    logger.warning("SearchCache: %s still fails after a rebuild: %s", self.path, exc)
+                    return default
+                damage = exc
+            try:
+                self._rebuild(damage)
+            except Exception as exc:  # noqa: BLE001 - the search itself must still answer
+                logger.warning("SearchCache: could not rebuild %s: %s", self.path, exc)
+                return default
+        return default
 
     @staticmethod
     def key(backend: str, query: str, top_k: int) -> str:
         return f"{backend}\t{top_k}\t{normalize_query(query)}"
 
     def get(self, key: str) -> list[SearchHit] | None:
-        row = self._connect().execute("SELECT value FROM cache WHERE key = ?", (key,)).fetchone()
-        return None if row is None else [SearchHit(**h) for h in json.loads(row[0])]
+        row = self._guarded(lambda c: c.execute("SELECT value FROM cache WHERE key = ?", (key,)).fetchone(), None)
+        if row is None:
+            return None
+        try:
+            hits = json.loads(row[0])
+            return [SearchHit(**h) for h in hits]
+        except (TypeError, ValueError, AttributeError) as exc:  # a bad row: drop it, the query is recomputed
+            logger.warning("SearchCache: dropping an unreadable row of %s (%s: %s)", self.path, type(exc).__name__, exc)
+
+            def delete(conn: sqlite3.Connection) -> None:
+                with conn:
+                    conn.execute("DELETE FROM cache WHERE key = ?", (key,))
+
+            self._guarded(delete, None)
+            return None
 
     def put(self, key: str, hits: Sequence[SearchHit]) -> None:
         value = json.dumps([asdict(h) for h in hits], ensure_ascii=False)
-        with self._connect() as conn:  # one transaction; `with` commits
-            conn.execute("INSERT OR REPLACE INTO cache (key, value) VALUES (?, ?)", (key, value))
+
+        def insert(conn: sqlite3.Connection) -> None:
+            with conn:  # one transaction; `with` commits
+                conn.execute("INSERT OR REPLACE INTO cache (key, value) VALUES (?, ?)", (key, value))
+
+        self._guarded(insert, None)
 
     def __len__(self) -> int:
-        return self._connect().execute("SELECT COUNT(*) FROM cache").fetchone()[0]
+        return self._guarded(lambda c: c.execute("SELECT COUNT(*) FROM cache").fetchone()[0], 0)
 
 
 class SearchTool(Tool):

@@ -86,22 +86,53 @@ def bench_engine(rows: int, turns: int, max_new: int) -> dict[str, float]:
     }
 
 
-def bench_sandbox(calls: int) -> dict[str, float]:
-    from trl_appo.tools import PythonTool
+def _python_tool_class(module_path: str | None):
+    """`PythonTool`, or the one defined in another copy of trl_appo/tools/python.py (to measure "before")."""
+    if not module_path:
+        from trl_appo.tools import PythonTool
 
-    tool = PythonTool(timeout=10)
-    tool.run("None")  # warm the page cache
+        return PythonTool
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("trl_appo.tools._bench_python", module_path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.PythonTool
+
+
+def bench_sandbox(calls: int, concurrent: int = 16, module_path: str | None = None) -> dict[str, float]:
+    """Latency of `print(1)`: `calls` sequential calls, then `concurrent` calls issued at once (threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tool = _python_tool_class(module_path)(timeout=10)
+    tool.run("print(1)")  # warm the page cache
     times = []
     for _ in range(calls):
         start = time.perf_counter()
-        tool.run("None")
+        assert tool.run("print(1)").text == "1"
         times.append(time.perf_counter() - start)
     times.sort()
+
+    def one(_: int) -> float:
+        start = time.perf_counter()
+        assert tool.run("print(1)").text == "1"
+        return time.perf_counter() - start
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrent) as pool:
+        each = sorted(pool.map(one, range(concurrent)))
+    wall = time.perf_counter() - start
+    isolation = tool.isolation
     return {
         "calls": calls,
         "median_ms": 1000 * statistics.median(times),
         "p90_ms": 1000 * times[int(0.9 * (len(times) - 1))],
-        "isolation": tool.isolation,
+        "concurrent": concurrent,
+        "concurrent_wall_ms": 1000 * wall,
+        "concurrent_median_ms": 1000 * statistics.median(each),
+        "isolation": isolation if isinstance(isolation, str) else ("legacy" if isolation else "?"),
     }
 
 
@@ -111,18 +142,31 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--max-new", type=int, default=32)
     parser.add_argument("--sandbox-calls", type=int, default=20)
+    parser.add_argument("--sandbox-concurrent", type=int, default=16)
+    parser.add_argument("--sandbox-module", default=None,
+                        help="another copy of trl_appo/tools/python.py to time instead (e.g. the old one)")
+    parser.add_argument("--sandbox-only", action="store_true", help="skip the engine benchmark")
     args = parser.parse_args()
 
+    s = bench_sandbox(args.sandbox_calls, args.sandbox_concurrent, args.sandbox_module)
+    if args.sandbox_only:
+        print("\n| measure | value |\n|---|---|")
+        print(f"| sandbox `print(1)` per call, median / p90 over {s['calls']} | {s['median_ms']:.0f} / {s['p90_ms']:.0f} ms |")
+        print(f"| {s['concurrent']} concurrent calls: wall / median per call | "
+              f"{s['concurrent_wall_ms']:.0f} / {s['concurrent_median_ms']:.0f} ms |")
+        print(f"| sandbox isolation | {s['isolation']} |")
+        return
     e = bench_engine(args.rows, args.turns, args.max_new)
-    s = bench_sandbox(args.sandbox_calls)
     print("\n| measure | value |\n|---|---|")
     print(f"| batch rows x turns (tool calls) | {e['rows']} x {e['turns']} ({e['tool_calls']}) |")
     print(f"| raw `model.generate` per turn (tiny Qwen2, {args.max_new} new tokens) | "
           f"{1000 * e['generate_s_per_turn']:.1f} ms |")
     print(f"| engine overhead per turn (parse, tools, bookkeeping) | {e['engine_overhead_ms_per_turn']:.2f} ms "
           f"({e['overhead_pct']:.1f}% of generate) |")
-    print(f"| sandbox start-up per call, median / p90 over {s['calls']} | "
+    print(f"| sandbox `print(1)` per call, median / p90 over {s['calls']} | "
           f"{s['median_ms']:.0f} / {s['p90_ms']:.0f} ms |")
+    print(f"| {s['concurrent']} concurrent calls: wall / median per call | "
+          f"{s['concurrent_wall_ms']:.0f} / {s['concurrent_median_ms']:.0f} ms |")
     print(f"| sandbox isolation | {s['isolation']} |")
 
 

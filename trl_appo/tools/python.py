@@ -83,13 +83,19 @@ class SandboxUnavailable(RuntimeError):
 # Runs in the child before any user code; the configuration (limits, cells) arrives as JSON on stdin.
 # Kept as a constant string run with `python -I -c`, so the sandboxed code can never tamper with it.
 _BOOTSTRAP = r"""
-import ast, builtins, ctypes, json, linecache, os, resource, signal, sys, traceback
+import ast, builtins, json, linecache, os, resource, signal, sys
 cfg = json.loads(sys.stdin.buffer.read())
 _null = os.open(os.devnull, os.O_RDONLY)
 os.dup2(_null, 0)
 os.close(_null)
 sys.path[:0] = cfg["paths"]
-libc = ctypes.CDLL(None, use_errno=True)
+sys.path += cfg.get("site", [])  # -S: site-packages without running .pth files (fast start)
+root = os.geteuid() == 0
+# ctypes (slow to import) only where a syscall Python 3.11 lacks is needed: as root, and at the "none" level.
+need_libc = root or cfg["mode"] != "bubblewrap"
+if need_libc:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWUSER, CLONE_NEWNET, CLONE_NEWPID = 0x10000000, 0x40000000, 0x20000000
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
 def _fail(what):
@@ -100,12 +106,11 @@ def _drop(uid, gid):
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
-root = os.geteuid() == 0
-class _Hdr(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-class _Data(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 def _no_caps():
+    class _Hdr(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+    class _Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
     if libc.capset(ctypes.byref(_Hdr(0x20080522, 0)), (_Data * 2)()) != 0:
         _fail("capset")
 def _limits():  # after the user namespace exists: RLIMIT_NPROC counts per (user namespace, uid), i.e. per call
@@ -117,9 +122,9 @@ def _init(child):
     # init exits and the kernel kills everything the code left behind in the namespace. Init keeps the
     # caller's uid (root: with no capabilities left), so the code cannot signal or trace it, while the dying
     # bwrap can still deliver the --die-with-parent SIGKILL to it.
-    if root:
+    if root:  # (not root: bwrap's --die-with-parent PDEATHSIG is still set)
         _no_caps()
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     while True:
         try:
             _, status = os.waitpid(child, 0)
@@ -142,7 +147,7 @@ if cfg["mode"] == "bubblewrap":
             with open("/proc/self/" + name, "w") as f:
                 f.write(text)
         _no_caps()  # those the new user namespace grants
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     _limits()
 else:
     net = "none"
@@ -163,7 +168,8 @@ else:
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 if cfg["mode"] != "bubblewrap" and root and cfg["uid"] is not None:
     _drop(cfg["uid"], cfg["gid"])
-libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+if need_libc:  # (bwrap sets it for its sandbox)
+    libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
 if pid1:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # set after setuid, which clears it
 if cfg["mode"] != "bubblewrap" and net == "guard":
@@ -198,6 +204,7 @@ for i, src in enumerate(cells[:-1]):  # replay of a persistent session: silent, 
 try:
     code = _compile(cells[-1], "<cell>")
 except (SyntaxError, ValueError) as e:  # ValueError: null bytes in the source
+    import traceback
     traceback.print_exception(type(e), e, None)
     sys.exit(1)
 try:
@@ -205,6 +212,7 @@ try:
 except SystemExit:
     raise
 except BaseException as e:
+    import traceback
     traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # drop the bootstrap's own frame
     sys.exit(1)
 """
@@ -323,6 +331,8 @@ class PythonTool(Tool):
             self.bwrap = bwrap or shutil.which("bwrap") or ""
             if self.is_root and self.uid is None:
                 raise ValueError("PythonTool: the bubblewrap sandbox needs a user to drop to when run as root")
+            self.site_paths = _interpreter_info(os.path.abspath(self.python_executable))[1] if self.bwrap else []
+            self._command = self._bwrap_command() if self.bwrap else []
             problem = self._probe()
             if problem:
                 raise SandboxUnavailable(
@@ -416,7 +426,7 @@ class PythonTool(Tool):
                 "--chdir", SANDBOX_ROOT]
         for key, value in self._env(SANDBOX_ROOT, "/tmp").items():
             cmd += ["--setenv", key, value]
-        return [*cmd, "--", self.python_executable, "-I", "-u", "-c", _BOOTSTRAP]
+        return [*cmd, "--", self.python_executable, "-I", "-S", "-u", "-c", _BOOTSTRAP]
 
     def _env(self, home: str, tmp: str) -> dict[str, str]:
         return {
@@ -436,13 +446,13 @@ class PythonTool(Tool):
         """Why bubblewrap cannot run a trivial call here ('' when it can); cached per configuration."""
         if not self.bwrap:
             return "bubblewrap (`bwrap`) is not installed"
-        return _probe_cached(tuple(self._bwrap_command()), json.dumps(self._config(["print(6 * 7)"])),
+        return _probe_cached(tuple(self._command), json.dumps(self._config(["print(6 * 7)"])),
                              self.uid is not None)
 
     def _config(self, cells: list[str]) -> dict[str, Any]:
         return {"mode": self._isolation if hasattr(self, "_isolation") else "bubblewrap", "limits": self.limits,
                 "uid": self.uid, "gid": self.gid, "cells": cells, "isolate_network": self.isolate_network,
-                "paths": self.extra_paths}
+                "paths": self.extra_paths, "site": getattr(self, "site_paths", [])}
 
     def run(self, code: str, history: list[str] | None = None) -> SandboxResult:
         """Execute `code` (after silently replaying `history`) in a fresh sandboxed process."""
@@ -450,7 +460,7 @@ class PythonTool(Tool):
         config = json.dumps(self._config([*(history or []), code])).encode()
         workdir = None
         if self._isolation == "bubblewrap":
-            popen = {"args": self._bwrap_command(), "cwd": "/", "env": {"PATH": "/usr/bin:/bin"}}
+            popen = {"args": self._command, "cwd": "/", "env": {"PATH": "/usr/bin:/bin"}}
         else:
             import tempfile
 
@@ -614,7 +624,7 @@ def _probe_cached(command: tuple[str, ...], config: str, drops: bool) -> str:
 def _readonly_paths(executable: str) -> list[str]:
     """Host paths the sandbox sees read-only: /usr, the loader cache, the interpreter, its venv and packages."""
     paths = ["/usr", "/etc/ld.so.cache", "/etc/alternatives"]
-    paths += _interpreter_paths(os.path.abspath(executable))
+    paths += _interpreter_info(os.path.abspath(executable))[0]
     out: list[str] = []
     for p in sorted({os.path.realpath(p) for p in paths if os.path.exists(p)} |
                     {os.path.abspath(p) for p in paths if os.path.exists(p)}, key=len):
@@ -624,18 +634,19 @@ def _readonly_paths(executable: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _interpreter_paths(executable: str) -> list[str]:
-    """The prefixes and package directories of `executable` (this process's, or asked from the interpreter)."""
-    probe = ("import json, site, sys, sysconfig; print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, "
-             "sys.base_exec_prefix, *sysconfig.get_paths().values(), *site.getsitepackages()]))")
+def _interpreter_info(executable: str) -> tuple[list[str], list[str]]:
+    """(directories to mount, site-packages directories) of `executable` (this process's, or asked from it)."""
+    probe = ("import json, site, sys, sysconfig; print(json.dumps([[sys.prefix, sys.base_prefix, sys.exec_prefix, "
+             "sys.base_exec_prefix, *sysconfig.get_paths().values()], site.getsitepackages()]))")
     if executable == os.path.abspath(sys.executable):
-        paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-                 *sysconfig.get_paths().values(), *site.getsitepackages()]
+        paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *sysconfig.get_paths().values()]
+        sites = site.getsitepackages()
     else:
         out = subprocess.run([executable, "-I", "-c", probe], capture_output=True, text=True, timeout=60)
-        paths = json.loads(out.stdout) if out.returncode == 0 else []
-    paths.append(os.path.dirname(executable))
-    return [p for p in paths if p and os.path.isdir(p) and p != "/"]
+        paths, sites = json.loads(out.stdout) if out.returncode == 0 else ([], [])
+    sites = [p for p in dict.fromkeys(sites) if os.path.isdir(p)]
+    binds = [p for p in [*paths, *sites, os.path.dirname(executable)] if p and os.path.isdir(p) and p != "/"]
+    return binds, sites
 
 
 def _root_links() -> list[tuple[str, str]]:

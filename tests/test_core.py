@@ -939,3 +939,42 @@ def test_future_kl_bad_inputs():
 def test_outputs_are_named_tuples():
     assert BranchPoints._fields == ("root", "position", "strict", "fallback", "score")
     assert BranchingScore._fields == ("scores", "z_entropy", "z_omega", "omega", "degenerate")
+
+
+# ------------------------------------------------------------------ fork (local) advantages of branch rows
+
+
+def test_fork_advantages_hand_case():
+    from trl_appo.core import fork_advantages
+
+    # One prompt, N=2 roots rewarded 1 and 0. Root 0 has branches forking after token 3 (R=0) and token 5 (R=1);
+    # root 1 has one branch that shares nothing (R=1).
+    root = torch.tensor([1.0, 0.0])
+    rb = torch.tensor([0.0, 1.0, 1.0])
+    which, end = torch.tensor([0, 0, 1]), torch.tensor([3, 5, -1])
+    raw = fork_advantages(root, rb, which, end, 2, scale_rewards="none")
+    # b0: V = mean(root0, b0, b1) = 2/3; b1: V = mean(root0, b1) = 1; b2 forks at the prompt: V = mean of all 5 = 0.6
+    torch.testing.assert_close(raw, torch.tensor([-2 / 3, 0.0, 0.4]))
+    std = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0]).std()  # Bessel, the prompt's M = 5 rewards
+    torch.testing.assert_close(fork_advantages(root, rb, which, end, 2), raw / (std + 1e-4))
+    # an unscored branch gets 0 and is left out of its siblings' V
+    rb_nan = torch.tensor([float("nan"), 1.0, 1.0])
+    out = fork_advantages(root, rb_nan, which, end, 2, scale_rewards="none")
+    assert out[0] == 0.0 and out[1] == 0.0
+    torch.testing.assert_close(out[2], torch.tensor(1.0 - 3.0 / 4.0))
+
+
+def test_fork_advantages_keep_prompts_apart_and_check_inputs():
+    from trl_appo.core import fork_advantages, scalar_rewards
+
+    root = torch.tensor([1.0, 0.0, 5.0, 5.0])  # two prompts of N=2
+    rb = torch.tensor([1.0, 0.0])
+    out = fork_advantages(root, rb, torch.tensor([0, 2]), torch.tensor([-1, -1]), 2, scale_rewards="none")
+    torch.testing.assert_close(out, torch.tensor([1.0 - 2.0 / 3.0, 0.0 - 10.0 / 3.0]))
+    with pytest.raises(ValueError, match="branch_root"):
+        fork_advantages(root, rb, torch.tensor([0, 4]), torch.tensor([1, 1]), 2)
+    with pytest.raises(ValueError, match="num_roots"):
+        fork_advantages(root, rb, torch.tensor([0, 1]), torch.tensor([1, 1]), 3)
+    rpf = torch.tensor([[1.0, float("nan")], [float("nan"), float("nan")]])
+    s = scalar_rewards(rpf, torch.tensor([2.0, 1.0]))
+    assert s[0] == 2.0 and torch.isnan(s[1])

@@ -156,7 +156,7 @@ def test_per_update_branches_each_optimizer_step_with_moving_policy(tiny_model, 
     args = make_args(tmp_path, branch_schedule="per_update", steps_per_generation=4, gradient_accumulation_steps=1,
                      per_device_train_batch_size=8, max_steps=4, learning_rate=5e-3)
     trainer = make_trainer(tiny_model, tiny_tokenizer, args)
-    branch = Recorder(trainer, "_branch_and_credit")
+    branch = Recorder(trainer, "_appo_step")
     trainer.train()
     assert len(branch.calls) == 4  # once per optimizer step, not once per generation batch
     degenerate = [e["appo/omega_degenerate_frac"] for e in trainer.state.log_history
@@ -247,7 +247,7 @@ def test_grad_accumulation_iterations_beta_and_eval(tiny_tokenizer, tmp_path):
 
     trainer = APPOTrainer(model=model_dir, reward_funcs=length_reward, args=args, train_dataset=ds,
                           eval_dataset=ds, processing_class=tiny_tokenizer)
-    branch = Recorder(trainer, "_branch_and_credit")
+    branch = Recorder(trainer, "_appo_step")
     trainer.train()
     logs = trainer.state.log_history
     assert any("kl" in e for e in logs)  # beta > 0: KL to the reference is in the loss

@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-BRANCH_CRITERIA = ("bs", "entropy", "random", "none")
+from . import core
+
 BRANCH_SCHEDULES = ("per_update", "per_generation")
 BRANCH_SELECTIONS = ("per_root", "pooled")
 OMEGA_REFERENCES = ("behaviour", "reference")
-FUTURE_KL_FORMS = ("appo", "fipo")
 TOOL_PROTOCOLS = ("tags", "chat")
+BRANCH_LOSSES = ("none", "suffix")
+BRANCH_POINT_TOKENS = ("keep", "resample")
 
 
 @dataclass
@@ -103,6 +105,32 @@ class APPOConfig(GRPOConfig):
     )
     branch_min_distance: int = field(
         default=0, metadata={"help": "Minimum distance in tokens between two branch points of one root (0 = off)."}
+    )
+
+    branch_point_token: str = field(
+        default="keep",
+        metadata={
+            "help": "What a branch does with the chosen token s: 'keep' (public release: keep 0..s, resample from "
+            "s+1; the prefix credit reaches s) or 'resample' (keep 0..s-1 and re-decide s itself; credit reaches s-1)."
+        },
+    )
+    branch_loss: str = field(
+        default="none",
+        metadata={
+            "help": "Do branches enter the loss? 'none' (paper: branches only give credit to the roots' prefixes; "
+            "each step trains on the N roots) or 'suffix' (beyond the paper: each branch's own tokens after its "
+            "point are trained like a root's, with its branch advantage and the same future-KL weight; the copied "
+            "prefix never is). With 'suffix' a step trains on all M rollouts per prompt, as GRPO does."
+        },
+    )
+    branch_advantage: str = field(
+        default="dual_group",
+        metadata={
+            "help": "Advantage of a branch's suffix rows (branch_loss='suffix'): 'dual_group' (Â_b, the branch-group "
+            "advantage the paper uses for credit) or 'local' (the value of the fork: R_b minus the mean reward of "
+            "the root and siblings sharing the branch's prefix, scaled like GRPO's). The roots' prefix credit "
+            "always uses Â_b."
+        },
     )
 
     # ----- credit assignment (APPO_SPEC §3) -----
@@ -194,15 +222,19 @@ class APPOConfig(GRPOConfig):
             if value not in choices:
                 raise ValueError(f"{name}={value!r} is not valid; choose one of {list(choices)}.")
 
-        check_choice("branch_criterion", self.branch_criterion, BRANCH_CRITERIA)
+        # Names come from the registries in `core` (a registered custom criterion or form is valid here too).
+        check_choice("branch_criterion", self.branch_criterion, (*core.BRANCH_CRITERIA, core.NO_BRANCHING))
         check_choice("branch_schedule", self.branch_schedule, BRANCH_SCHEDULES)
         check_choice("branch_selection", self.branch_selection, BRANCH_SELECTIONS)
         check_choice("omega_reference", self.omega_reference, OMEGA_REFERENCES)
-        check_choice("future_kl_form", self.future_kl_form, FUTURE_KL_FORMS)
+        check_choice("future_kl_form", self.future_kl_form, tuple(core.FUTURE_KL_FORMS))
         check_choice("tool_protocol", self.tool_protocol, TOOL_PROTOCOLS)
+        check_choice("branch_loss", self.branch_loss, BRANCH_LOSSES)
+        check_choice("branch_point_token", self.branch_point_token, BRANCH_POINT_TOKENS)
+        check_choice("branch_advantage", self.branch_advantage, core.BRANCH_ADVANTAGES)
 
         M = self.num_generations
-        if self.branch_criterion == "none":
+        if self.branch_criterion == core.NO_BRANCHING:
             if self.num_branches not in (None, 0) or self.num_roots not in (None, M):
                 raise ValueError(
                     "branch_criterion='none' means M independent roots (GRPO on the same budget), but "
@@ -256,7 +288,7 @@ class APPOConfig(GRPOConfig):
                 f"per_device_train_batch_size·N/M = {self.per_device_train_batch_size}·{N}/{M} root rows, which must "
                 f"be a whole number. Use a per_device_train_batch_size that is a multiple of {step}."
             )
-        if self.branch_criterion != "none" and self.branch_schedule == "per_update":
+        if self.branch_criterion != core.NO_BRANCHING and self.branch_schedule == "per_update":
             if self.steps_per_generation % self.gradient_accumulation_steps:
                 raise ValueError(
                     "branch_schedule='per_update' branches before each optimizer step, so optimizer steps must not "
@@ -281,7 +313,7 @@ class APPOConfig(GRPOConfig):
                     UserWarning,
                     stacklevel=3,
                 )
-        if self.branch_criterion != "none":
+        if self.branch_criterion != core.NO_BRANCHING:
             need = self.min_branch_tokens + 2
             if self.max_completion_length < need:
                 raise ValueError(
@@ -289,7 +321,7 @@ class APPOConfig(GRPOConfig):
                     f"needs at least min_branch_tokens={self.min_branch_tokens} tokens of budget after it and a "
                     f"token before it. Increase max_completion_length to >= {need} or lower min_branch_tokens."
                 )
-        if self.branch_in_eval and self.branch_criterion != "none" and self.num_generations_eval not in (None, M):
+        if self.branch_in_eval and self.branch_criterion != core.NO_BRANCHING and self.num_generations_eval not in (None, M):
             raise ValueError(
                 f"branch_in_eval splits each eval prompt's num_generations_eval rollouts into N={self.num_roots} roots "
                 f"and their branches, so num_generations_eval must equal num_generations (M={M}) or be unset."

@@ -46,6 +46,7 @@ import torch
 __all__ = [
     "BRANCH_CRITERIA",
     "FALLBACK_CODES",
+    "BRANCH_ADVANTAGES",
     "FUTURE_KL_FORMS",
     "MULTI_OBJECTIVE_AGGREGATIONS",
     "SCALE_REWARDS",
@@ -57,12 +58,17 @@ __all__ = [
     "branching_score",
     "discounted_suffix_sum",
     "dual_group_advantages",
+    "fork_advantages",
     "future_kl_weights",
+    "NO_BRANCHING",
+    "OMEGA_CRITERIA",
     "get_branch_criterion",
     "get_future_kl_form",
     "register_branch_criterion",
     "register_future_kl_form",
+    "scalar_rewards",
     "select_branch_points",
+    "uses_omega",
 ]
 
 
@@ -188,6 +194,18 @@ def _lookup(registry, kind: str, name: str):
     if name not in registry:
         raise ValueError(f"Unknown {kind} {name!r}; valid: {sorted(registry)}.")
     return registry[name]
+
+
+NO_BRANCHING = "none"
+"""The criterion name that turns branching off (M independent roots: GRPO on the same budget)."""
+
+OMEGA_CRITERIA = frozenset({"bs"})
+"""Criteria that rank by the Branching Score, so Ω (and its reference log-probs) must be computed."""
+
+
+def uses_omega(name: str) -> bool:
+    """Whether criterion ``name`` reads Ω (only then are Ω-reference log-probs computed and BS metrics logged)."""
+    return name in OMEGA_CRITERIA
 
 
 def get_branch_criterion(name: str) -> BranchCriterionFn:
@@ -906,6 +924,98 @@ def branch_credit(
             discounted = _suffix_scan(w, rho)  # Σ_{b∈C} w_b ρ^{s_b − t}
             adv = adv * torch.where(has, 1.0 + lam * discounted / safe, torch.ones((), dtype=dtype, device=device))
     return torch.where(on, adv, zero)
+
+
+BRANCH_ADVANTAGES = ("dual_group", "local")
+
+
+def scalar_rewards(rewards_per_func: torch.Tensor, reward_weights: torch.Tensor) -> torch.Tensor:
+    """(B, F) rewards per function → (B,) weighted ``nansum``, NaN where every function returned None (as TRL)."""
+    _check_tensor("rewards_per_func", rewards_per_func, 2)
+    _check_tensor("reward_weights", reward_weights, 1)
+    rewards = (rewards_per_func * reward_weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
+    rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+    return rewards
+
+
+def fork_advantages(
+    root_rewards: torch.Tensor,
+    branch_rewards: torch.Tensor,
+    branch_root: torch.Tensor,
+    branch_shared_end: torch.Tensor,
+    num_roots: int,
+    *,
+    scale_rewards: str = "group",
+) -> torch.Tensor:
+    """Local advantage of each branch: the value of its fork, R_b − V(fork) (docs/algorithm.md, "branch loss").
+
+    Not in the paper (its branches get no loss). The fork of branch b is the node after its shared prefix 0..e_b
+    (e_b = ``branch_shared_end``). V(fork) is the mean reward of every rollout through that node: root i = b's root,
+    and the branches of root i whose shared prefix contains b's (e_b' ≥ e_b; b itself included). A branch that
+    shares nothing (e_b = −1) forks at the prompt: V = the mean over the prompt's roots and branches. This is
+    TreeRL's V(child) − V(parent) with one leaf per child. The difference is divided by the std of the prompt's
+    M rewards (``scale_rewards='group'``), of all rewards (``'batch'``), or not at all (``'none'``), with TRL's
+    Bessel-corrected std + 1e-4, so its scale matches GRPO's advantages. Unscored (NaN) rollouts are left out of
+    V and the std; a NaN-rewarded branch gets 0.
+
+    Args:
+        root_rewards: (R,) floating scalar rewards (see ``scalar_rewards``), R = G·num_roots, prompts contiguous.
+        branch_rewards: (P,) floating, in the same prompt order as their roots (any order within a prompt).
+        branch_root: (P,) integer root row of each branch.
+        branch_shared_end: (P,) integer last shared token, in [−1, T).
+        num_roots: N ≥ 1.
+
+    Returns:
+        (P,) advantages in the rewards' dtype.
+    """
+    for name, t in (("root_rewards", root_rewards), ("branch_rewards", branch_rewards),
+                    ("branch_root", branch_root), ("branch_shared_end", branch_shared_end)):
+        _check_tensor(name, t, 1)
+    _check_floating(root_rewards=root_rewards, branch_rewards=branch_rewards)
+    _lookup(dict.fromkeys(SCALE_REWARDS), "scale_rewards", scale_rewards)
+    R, P = root_rewards.shape[0], branch_rewards.shape[0]
+    if num_roots < 1 or R % num_roots:
+        raise ValueError(f"`root_rewards` has {R} rows, not a multiple of num_roots={num_roots}.")
+    if branch_root.shape[0] != P or branch_shared_end.shape[0] != P:
+        raise ValueError("`branch_root` and `branch_shared_end` need one entry per branch.")
+    if P == 0:
+        return branch_rewards.new_zeros(0)
+    if bool(((branch_root < 0) | (branch_root >= R)).any()):
+        raise ValueError(f"`branch_root` must index rows in [0, {R}), got {branch_root.tolist()}.")
+    root = branch_root.long()
+    end = branch_shared_end.long()
+    prompt_of_branch = root // num_roots
+    G = R // num_roots
+    # (P, P) "b' passes through b's fork": same root and a shared prefix at least as long. Small: P = G·N·B rows.
+    same_root = root[:, None] == root[None, :]
+    through = same_root & (end[None, :] >= end[:, None])
+    at_prompt = end < 0
+    through = torch.where(at_prompt[:, None], prompt_of_branch[:, None] == prompt_of_branch[None, :], through)
+    valid_b = ~torch.isnan(branch_rewards)
+    rb = torch.nan_to_num(branch_rewards, nan=0.0)
+    rr = torch.nan_to_num(root_rewards, nan=0.0)
+    valid_r = ~torch.isnan(root_rewards)
+    w = through & valid_b[None, :]
+    total = (w * rb[None, :]).sum(dim=1)
+    count = w.sum(dim=1).to(rb.dtype)
+    # Roots through the fork: b's own root, or every root of the prompt when b forks at the prompt.
+    root_prompt = torch.arange(R, device=root.device) // num_roots
+    roots_through = torch.where(at_prompt[:, None], prompt_of_branch[:, None] == root_prompt[None, :],
+                                root[:, None] == torch.arange(R, device=root.device)[None, :]) & valid_r[None, :]
+    total = total + (roots_through * rr[None, :]).sum(dim=1)
+    count = count + roots_through.sum(dim=1).to(rb.dtype)
+    value = total / count.clamp(min=1)
+    adv = branch_rewards - value
+    if scale_rewards != "none":
+        if scale_rewards == "group":
+            joint = torch.full((G, num_roots + P), float("nan"), dtype=rb.dtype, device=rb.device)
+            joint[:, :num_roots] = root_rewards.view(G, num_roots)
+            joint[prompt_of_branch, num_roots + torch.arange(P, device=root.device)] = branch_rewards
+            std = _nanstd(joint, dim=1)[prompt_of_branch]
+        else:
+            std = _nanstd(torch.cat([root_rewards, branch_rewards]))
+        adv = adv / (torch.nan_to_num(std, nan=0.0) + 1e-4)
+    return torch.where(valid_b, adv, torch.zeros((), dtype=adv.dtype, device=adv.device))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from packaging.version import Version
 from trl import GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
-from . import core
+from . import branching, core
 from .config import APPOConfig
 
 TESTED_TRL = (Version("1.16.0"), Version("1.17.0"))  # [low, high)
@@ -56,34 +56,6 @@ def _check_trl_version() -> None:
             "APPOTrainer overrides private GRPOTrainer hooks whose signatures change between minor versions. Install "
             f"'trl>={TESTED_TRL[0]},<{TESTED_TRL[1]}', or set TRL_APPO_ALLOW_UNTESTED_TRL=1 to try anyway."
         )
-
-
-def _cat_rows(chunks: list[dict[str, Any]]) -> dict[str, Any]:
-    """Concatenate per-row values of several TRL batch dicts (tensors along dim 0, lists by extension)."""
-    out = {}
-    for key, first in chunks[0].items():
-        if first is None:
-            out[key] = None
-        elif isinstance(first, torch.Tensor) and first.ndim == 0:
-            out[key] = first
-        elif isinstance(first, torch.Tensor):
-            out[key] = torch.cat([c[key] for c in chunks], dim=0)
-        else:
-            out[key] = [x for c in chunks for x in c[key]]
-    return out
-
-
-def _take_rows(batch: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
-    """Select rows of a TRL batch dict (0-d tensors and None pass through)."""
-    out = {}
-    for key, val in batch.items():
-        if val is None or (isinstance(val, torch.Tensor) and val.ndim == 0):
-            out[key] = val
-        elif isinstance(val, torch.Tensor):
-            out[key] = val[index.to(val.device)]
-        else:
-            out[key] = [val[i] for i in index.tolist()]
-    return out
 
 
 class APPOTrainer(GRPOTrainer):
@@ -150,6 +122,7 @@ class APPOTrainer(GRPOTrainer):
         self._appo_generator = torch.Generator().manual_seed(args.seed)
         self._appo_branch_step = 0
         self._appo_sampled_at_step = 0
+        self._appo_window = None  # (first micro-step, loss batches) of the current optimizer step (per_update)
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="You are using 'rollout_func'")
@@ -167,7 +140,7 @@ class APPOTrainer(GRPOTrainer):
                 peft_config=peft_config,
                 rollout_func=lambda prompts, trainer: trainer._appo_rollout(prompts),
             )
-        if args.omega_reference == "reference" and args.branch_criterion == "bs":
+        if args.omega_reference == "reference" and core.uses_omega(args.branch_criterion):
             if self.ref_model is None and not self._is_peft_model():
                 raise ValueError(
                     "omega_reference='reference' measures Ω against the reference model, but there is none: set "
@@ -319,7 +292,7 @@ class APPOTrainer(GRPOTrainer):
     @property
     def _branching(self) -> bool:
         args = self.args
-        if args.branch_criterion == "none":
+        if args.branch_criterion == core.NO_BRANCHING:
             return False
         return self.model.training or args.branch_in_eval
 
@@ -351,7 +324,13 @@ class APPOTrainer(GRPOTrainer):
         out["appo_inputs"] = [copy.copy(row) for row in root_inputs]
         self._appo_sampled_at_step = self.state.global_step
         if args.branch_schedule == "per_generation" or not self.model.training:
-            self._branch_and_credit(out)
+            step = self._appo_step(out, for_loss=self.model.training)
+            if step.branch_rows is not None:
+                # The generation batch now holds all M rollouts per prompt; TRL shuffles and splits it as for GRPO.
+                num_items = out["num_items_in_batch"]
+                out = branching.append_rows(out, step.branch_rows, self._tokenizer.pad_token_id)
+                out["num_items_in_batch"] = num_items + self.accelerator.gather(
+                    branching.loss_tokens(step.branch_rows).reshape(1)).sum()
         return out
 
     def _prepare_inputs(self, generation_batch):
@@ -365,17 +344,30 @@ class APPOTrainer(GRPOTrainer):
             self._regroup_buffer()
         ga = args.gradient_accumulation_steps
         k = self._step % args.steps_per_generation
-        if self._step % ga == 0 or regenerate:
+        if self._step % ga == 0 or regenerate or self._appo_window is None:
+            # Branch the roots of this optimizer step's micro-batches together, with the current weights.
             first = k - (k % ga)
             chunks = self._buffered_inputs[first : first + ga]
-            merged = _cat_rows(chunks)
-            self._branch_and_credit(merged)
+            merged = branching.cat_rows(chunks)
+            step = self._appo_step(merged, for_loss=True)
             offset = 0
             for chunk in chunks:
                 n = chunk["advantages"].shape[0]
                 chunk["advantages"] = merged["advantages"][offset : offset + n]
                 offset += n
-        return self._buffered_inputs[k]
+            window = list(chunks)
+            if step.branch_rows is not None:
+                # Each micro-batch gets an equal share of the branch rows, so a forward holds
+                # per_device_train_batch_size rows, as in GRPO; DAPO-style normalisers count this window's tokens.
+                parts = branching.split_rows(step.branch_rows, ga)
+                window = [branching.append_rows(c, b, self._tokenizer.pad_token_id) for c, b in zip(chunks, parts)]
+                tokens = sum(branching.loss_tokens(w) for w in window)
+                window_items = self.accelerator.gather(tokens.reshape(1)).sum() * args.steps_per_generation / ga
+                for w in window:
+                    w["num_items_in_batch"] = window_items
+            self._appo_window = (first, window)
+        first, window = self._appo_window
+        return window[k - first]
 
     def _regroup_buffer(self) -> None:
         """Re-split the buffered generation batch so each prompt's roots fall in one optimizer step.
@@ -383,113 +375,25 @@ class APPOTrainer(GRPOTrainer):
         TRL shuffles rows across the whole generation batch; per_update branching needs a prompt's N roots
         together (their branch group is normalised jointly), so we shuffle whole groups instead.
         """
-        merged = _cat_rows(self._buffered_inputs)
+        merged = branching.cat_rows(self._buffered_inputs)
         groups = merged["appo_group"]
         order = torch.randperm(int(groups.max().item()) + 1)
         rank_of_group = torch.empty_like(order)
         rank_of_group[order] = torch.arange(len(order))
         index = torch.argsort(rank_of_group[groups.cpu()] * len(groups) + torch.arange(len(groups)), stable=True)
-        self._buffered_inputs = split_tensor_dict(_take_rows(merged, index), self.args.steps_per_generation)
+        self._buffered_inputs = split_tensor_dict(branching.take_rows(merged, index), self.args.steps_per_generation)
+        self._appo_window = None
 
-    @torch.no_grad()
-    def _branch_and_credit(self, batch: dict[str, Any]) -> None:
-        """Branch the roots in `batch` and write per-token root advantages into `batch['advantages']` (in place).
-
-        `batch` holds whole prompt groups of N roots (rows of one group contiguous after sorting by `appo_group`).
-        """
+    def _appo_step(self, batch: dict[str, Any], for_loss: bool) -> branching.StepOutput:
+        """Run the APPO step (`trl_appo.branching`) and save its branch trees when asked."""
         args = self.args
-        mode = "train" if self.model.training else "eval"
-        device = self.accelerator.device
-        t0 = time.perf_counter()
-        # Sort rows by group so groups are contiguous, and undo the permutation at the end.
-        order = torch.argsort(batch["appo_group"].cpu(), stable=True)
-        rows = _take_rows(batch, order)
-        N, B = args.num_roots, args.num_branches
-
-        # 1. Score the roots' model tokens with the current policy (spec §1).
-        prompt_ids, prompt_mask = rows["prompt_ids"], rows["prompt_mask"]
-        completion_ids, completion_mask = rows["completion_ids"], rows["completion_mask"]
-        model_mask = completion_mask * rows["tool_mask"] if rows.get("tool_mask") is not None else completion_mask
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        C = completion_ids.size(1)
-        with self._no_grad_forward():
-            logp_current, entropy, _ = self._get_per_token_logps_and_entropies(
-                self.model, input_ids, attention_mask, C, batch_size=args.per_device_train_batch_size,
-                compute_entropy=True,
-            )
-        logp_reference = self._omega_reference_logps(rows, input_ids, attention_mask, C, logp_current)
-        mask_f = model_mask.float()
-        bs = core.branching_score(
-            entropy.float() * mask_f, logp_current.float() * mask_f, logp_reference.float() * mask_f, mask_f,
-            gamma=args.branch_gamma, omega_clip=args.omega_clip,
-        )
-        lengths = completion_mask.sum(dim=1)
-        candidates = core.branch_candidates(
-            model_mask.bool(), lengths, args.max_completion_length, args.min_branch_tokens,
-            whitespace_mask=self._whitespace_table(device)[completion_ids] & completion_mask.bool(),
-        )
-        pts = core.select_branch_points(
-            bs, candidates, B, criterion=args.branch_criterion, pooled=args.branch_selection == "pooled",
-            group_size=N, min_distance=args.branch_min_distance, generator=self._appo_generator, entropy=entropy,
-        )
-        t_score = time.perf_counter()
-
-        # 2. Continue each prefix through the same engine (spec §2).
-        from .rollout import Prefix
-
-        sampling = rows.get("sampling_per_token_logps")
-        p_ids = [prompt_ids[i][prompt_mask[i].bool()].tolist() for i in range(len(prompt_ids))]
-        c_ids = [completion_ids[i][: lengths[i]].tolist() for i in range(len(completion_ids))]
-        c_mask = [model_mask[i][: lengths[i]].tolist() for i in range(len(completion_ids))]
-        c_logp = None if sampling is None else [sampling[i][: lengths[i]].tolist() for i in range(len(c_ids))]
-        branch_prompt_ids, prefixes = [], []
-        for r, s in zip(pts.root.tolist(), pts.position.tolist(), strict=True):
-            branch_prompt_ids.append(p_ids[r])
-            if s < 0:
-                prefixes.append(None)  # no eligible token: resample from the prompt (no shared prefix)
-            else:
-                prefixes.append(
-                    Prefix(c_ids[r][: s + 1], c_mask[r][: s + 1], None if c_logp is None else c_logp[r][: s + 1])
-                )
-        branches = self._appo_engine.run(branch_prompt_ids, prefixes=prefixes, group_size=1)
-        t_gen = time.perf_counter()
-
-        # 3. Reward the branches with the user's reward functions, on the full trajectory (prefix + continuation).
-        root_rows = rows["appo_inputs"]
-        branch_inputs = [copy.copy(root_rows[r]) for r in pts.root.tolist()]
-        branch_prompts = [row["prompt"] for row in branch_inputs]
-        completions = self._completions_for_rewards(branch_prompts, branches)
-        branch_rewards = self._branch_rewards(
-            mode, branch_inputs, branch_prompts, completions, [b.completion_ids for b in branches]
-        )  # gathered across ranks
-
-        # 4. Credit (spec §3): dual groups over the gathered batch, then this rank's slice.
-        root_rewards = self.accelerator.gather(rows["appo_root_rewards"].to(device))
-        weights = self.reward_weights.to(device)
-        root_adv_all, branch_adv_all = core.dual_group_advantages(
-            root_rewards, branch_rewards.to(device), weights, N, N * B,
-            scale_rewards=self.scale_rewards, dual_groups=args.dual_groups,
-            multi_objective_aggregation=self.multi_objective_aggregation,
-        )
-        rank, R, P = self.accelerator.process_index, len(root_rows), len(branches)
-        root_adv = root_adv_all[rank * R : (rank + 1) * R]
-        branch_adv = branch_adv_all[rank * P : (rank + 1) * P]
-        credit = core.branch_credit(
-            root_adv, branch_adv, pts.root.to(device), pts.position.to(device), pts.score.to(device),
-            model_mask.to(device), rho=args.reward_scale_discount, lam=args.procedure_scale_weight,
-            prefix_credit=args.prefix_credit, procedure_scale=args.procedure_scale,
-        )
-        advantages = torch.empty_like(credit)
-        advantages[order.to(device)] = credit
-        batch["advantages"] = advantages
-
-        self._log_branch_metrics(
-            mode, rows, bs, pts, branches, branch_rewards, root_rewards, weights, credit, model_mask, c_ids,
-            timings=(t_score - t0, t_gen - t_score, time.perf_counter() - t_gen),
-        )
-        if args.log_branch_trees and self.accelerator.is_main_process and mode == "train":
-            self._write_branch_trees(rows, bs, pts, branches, branch_rewards, c_ids, c_mask)
+        want = args.log_branch_trees and self.accelerator.is_main_process and self.model.training
+        step = branching.branch_and_credit(self, batch, for_loss=for_loss, want_records=want)
+        if want:
+            name = f"step_{self.state.global_step:06d}_{self._appo_branch_step:04d}.jsonl"
+            branching.write_branch_trees(Path(args.output_dir) / "branch_trees" / name, step.records)
+            self._appo_branch_step += 1
+        return step
 
     def _branch_rewards(self, mode, inputs, prompts, completions, completion_ids):
         """The user's reward functions on branch rows. What they log through `log_extra`/`log_metric` is kept out
@@ -512,30 +416,46 @@ class APPOTrainer(GRPOTrainer):
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             yield
 
+    def _policy_logps(self, input_ids, attention_mask, C, compute_entropy: bool = False):
+        """No-grad log-probs (and full-vocabulary entropies) of the current policy, TRL's forward in chunks."""
+        with self._no_grad_forward():
+            logps, entropy, _ = self._get_per_token_logps_and_entropies(
+                self.model, input_ids, attention_mask, C, batch_size=self.args.per_device_train_batch_size,
+                compute_entropy=compute_entropy,
+            )
+        return logps, entropy
+
+    def _reference_logps(self, input_ids, attention_mask, C):
+        """Log-probs of the reference model, found as TRL finds it (ref model, or the PEFT base / "ref" adapter)."""
+        if self.ref_model is not None:
+            model_ctx, model = contextlib.nullcontext(), self.ref_model
+        else:
+            from trl.trainer.utils import use_adapter
+
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            name = "ref" if "ref" in getattr(unwrapped, "peft_config", {}) else None
+            model_ctx, model = use_adapter(unwrapped, adapter_name=name), self.model
+        with model_ctx, self._no_grad_forward():
+            ref, _, _ = self._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, C, batch_size=self.args.per_device_train_batch_size
+            )
+        return ref
+
     def _omega_reference_logps(self, rows, input_ids, attention_mask, C, logp_current):
-        """log π_ref_Ω of the sampled tokens (spec §1). Degenerate (= current) when the policy has not moved."""
-        if self.args.branch_criterion != "bs":
+        """log π_ref_Ω of the sampled tokens (paper §3.1). Degenerate (= current) when the policy has not moved."""
+        if not core.uses_omega(self.args.branch_criterion):
             return logp_current
         if self.args.omega_reference == "behaviour":
             old = rows.get("old_per_token_logps")
             # No optimizer step since sampling (per_generation, or the first step of a generation batch): the
             # behaviour policy *is* the current one, so Ω is degenerate by construction and BS falls back to
             # entropy. Decided structurally, never by comparing two computations of the same weights (their
-            # numerical noise would pass for signal: the public release's defect, spec §8.2).
+            # numerical noise would pass for signal: a defect of the public release, see README).
             moved = self.state.global_step != getattr(self, "_appo_sampled_at_step", self.state.global_step)
             return old if (old is not None and moved) else logp_current
         ref = rows.get("ref_per_token_logps")
-        if ref is not None:
-            return ref
-        if self.ref_model is not None:
-            model_ctx, model = contextlib.nullcontext(), self.ref_model
-        else:
-            model_ctx, model = self.accelerator.unwrap_model(self.model).disable_adapter(), self.model
-        with model_ctx, self._no_grad_forward():
-            ref, _, _ = self._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, C, batch_size=self.args.per_device_train_batch_size
-            )
-        return ref
+        return ref if ref is not None else self._reference_logps(input_ids, attention_mask, C)
+
 
     def _whitespace_table(self, device) -> torch.Tensor:
         """(V,) bool: token decodes to whitespace only (never a branch point, spec §1)."""
@@ -605,92 +525,6 @@ class APPOTrainer(GRPOTrainer):
             out, self._appo_cached_logps = self._appo_cached_logps, None
             return out
         return super()._get_per_token_logps_and_entropies(*args, **kwargs)
-
-    # ------------------------------------------------------------------ metrics and artefacts
-    def _log_branch_metrics(self, mode, rows, bs, pts, branches, branch_rewards, root_rewards, weights, credit,
-                            model_mask, c_ids, timings):
-        m = self._metrics[mode]
-        gather = self.accelerator.gather
-        pts = core.BranchPoints(*(x.cpu() for x in pts))
-        device = self.accelerator.device
-        R = len(c_ids)
-        valid = pts.position >= 0
-        lengths = model_mask.new_tensor([max(len(c), 1) for c in c_ids]).float().cpu()
-        rel = (pts.position.float() / lengths[pts.root]).masked_fill(~valid, float("nan"))
-        near_tool = torch.zeros_like(valid)
-        mm = model_mask.cpu()
-        for j, (r, s) in enumerate(zip(pts.root.tolist(), pts.position.tolist(), strict=True)):
-            if s >= 0:
-                lo, hi = max(0, s - 3), min(mm.shape[1], s + 4)
-                near_tool[j] = bool((mm[r, lo:hi] == 0).any() and lo < int(lengths[r]))
-        local = torch.tensor(
-            [
-                len(branches) / max(R, 1),
-                torch.nanmean(rel).item() if valid.any() else float("nan"),
-                near_tool[valid].float().mean().item() if valid.any() else float("nan"),
-                (pts.fallback == 0).float().mean().item() if len(pts.fallback) else float("nan"),
-                bs.degenerate.float().mean().item() if bs.degenerate.numel() else float("nan"),
-                pts.score.abs()[valid].mean().item() if valid.any() else float("nan"),
-                sum(sum(b.model_mask[b.prefix_length :]) for b in branches),
-                float(sum(sum(x) for x in model_mask.tolist())),
-                (pts.fallback == 4).float().mean().item() if len(pts.fallback) else float("nan"),
-                (pts.fallback == 5).float().mean().item() if len(pts.fallback) else float("nan"),
-            ],
-            device=device,
-        )
-        g = gather(local.unsqueeze(0))
-        names = ["branch_points_per_root", "branch_position_rel", "branch_near_tool_frac", "branch_strict_frac",
-                 "omega_degenerate_frac", "bs_abs_mean"]
-        if self.args.branch_criterion != "bs":  # Ω and BS are not computed for the entropy/random criteria
-            names = names[:3]
-        for i, name in enumerate(names):
-            m[f"appo/{name}"].append(torch.nanmean(g[:, i]).item())
-        m["appo/branch_decoded_tokens"].append(g[:, 6].sum().item())
-        m["appo/root_model_tokens"].append(g[:, 7].sum().item())
-        # Spec §1: duplicated points only when a root has fewer eligible tokens than B, and this is logged.
-        m["appo/branch_duplicate_frac"].append(torch.nanmean(g[:, 8]).item())
-        m["appo/branch_no_candidate_frac"].append(torch.nanmean(g[:, 9]).item())
-        br = (branch_rewards.to(device) * weights.unsqueeze(0)).nansum(dim=1)
-        rr = (root_rewards.to(device) * weights.unsqueeze(0)).nansum(dim=1)
-        m["appo/branch_reward"].append(br.mean().item())
-        m["appo/root_reward"].append(rr.mean().item())
-        prefix_mag = credit.abs()[model_mask.bool()].mean() if model_mask.any() else credit.new_zeros(())
-        m["appo/credit_abs_mean"].append(gather(prefix_mag.reshape(1)).mean().item())
-        for name, secs in zip(("score", "generate", "reward"), timings, strict=True):
-            m[f"appo/seconds_{name}_branches"].append(secs)
-        self._log_rollout_metrics(branches, mode, prefix="appo/branch")
-
-    def _write_branch_trees(self, rows, bs, pts, branches, branch_rewards, c_ids, c_mask) -> None:
-        out_dir = Path(self.args.output_dir) / "branch_trees"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tok = self._tokenizer
-        weights = self.reward_weights.cpu()
-        root_rewards = (rows["appo_root_rewards"].cpu() * weights).nansum(dim=1)
-        br = (branch_rewards[: len(branches)].cpu() * weights).nansum(dim=1)
-        path = out_dir / f"step_{self.state.global_step:06d}_{self._appo_branch_step:04d}.jsonl"
-        self._appo_branch_step += 1
-        with open(path, "w") as f:
-            for r in range(len(c_ids)):
-                sel = (pts.root == r).nonzero().flatten().tolist()
-                n = len(c_ids[r])
-                f.write(json.dumps({
-                    "step": self.state.global_step,
-                    "group": int(rows["appo_group"][r]),
-                    "tokens": tok.convert_ids_to_tokens(c_ids[r]),
-                    "token_text": [tok.decode([t]) for t in c_ids[r]],
-                    "model_mask": c_mask[r],
-                    "entropy_z": bs.z_entropy[r, :n].tolist(),
-                    "omega_z": bs.z_omega[r, :n].tolist(),
-                    "bs": bs.scores[r, :n].tolist(),
-                    "degenerate": bool(bs.degenerate[r]),
-                    "reward": float(root_rewards[r]),
-                    "branches": [
-                        {"position": int(pts.position[j]), "strict": bool(pts.strict[j]),
-                         "fallback": int(pts.fallback[j]), "score": float(pts.score[j]), "reward": float(br[j]),
-                         "text": tok.decode(branches[j].completion_ids[branches[j].prefix_length :])}
-                        for j in sel
-                    ],
-                }) + "\n")
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial):

@@ -14,7 +14,7 @@ What this module owns:
 
 A record is a dict with keys ``tokens``, ``token_text``, ``model_mask``, ``entropy_z``, ``omega_z``, ``bs``,
 ``degenerate``, ``reward``, ``branches`` (each ``{position, strict, fallback, score, reward, text}``), and
-optionally ``step`` and ``group``; see ``APPOTrainer._write_branch_trees``. Any per-token array of the same
+optionally ``step`` and ``group``; see ``trl_appo.branching.branch_tree_records``. Any per-token array of the same
 length (for instance the advantage each token received) can be shown instead of BS with ``values=``.
 
 matplotlib is only needed for the PNG and the curves (``pip install trl-appo[plot]``); the HTML needs nothing.

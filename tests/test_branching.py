@@ -1,0 +1,249 @@
+"""trl_appo.branching: branch rows for the loss (branch_loss="suffix"), batch plumbing, and the step in the trainer."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from trl_appo import branching, core
+from trl_appo.config import APPOConfig
+from trl_appo.rollout.engine import Rollout
+from trl_appo.tools.base import ToolStats
+
+from test_trainer import Recorder, make_args, make_trainer
+
+PAD = 0
+
+
+def _rollout(ids, mask, prefix_length, logprobs=None):
+    return Rollout(prompt_ids=[7, 8], completion_ids=ids, model_mask=mask, logprobs=logprobs, messages=[], text="",
+                   tool_stats=ToolStats(), finish_reason="stop", prefix_length=prefix_length)
+
+
+def _fake_trainer(logp_value=-1.5, eos=(9,), mask_truncated=False):
+    def policy_logps(input_ids, attention_mask, C, compute_entropy=False):
+        return torch.full((input_ids.shape[0], C), logp_value), None
+
+    return SimpleNamespace(
+        accelerator=SimpleNamespace(device=torch.device("cpu")),
+        _tokenizer=SimpleNamespace(pad_token_id=PAD),
+        pad_to_multiple_of=None,
+        mask_truncated_completions=mask_truncated,
+        eos_token_ids=list(eos),
+        _policy_logps=policy_logps,
+        _reference_logps=lambda input_ids, attention_mask, C: torch.full((input_ids.shape[0], C), -3.0),
+    )
+
+
+def _root_batch(with_old=True, with_ref=False):
+    # Two roots of one prompt: left-padded prompts, right-padded completions.
+    batch = {
+        "prompt_ids": torch.tensor([[PAD, 7, 8], [PAD, 7, 8]]),
+        "prompt_mask": torch.tensor([[0, 1, 1], [0, 1, 1]]),
+        "completion_ids": torch.tensor([[11, 12, 13, 9], [21, 22, PAD, PAD]]),
+        "completion_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]),
+        "tool_mask": torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]]),
+        "advantages": torch.tensor([0.5, -0.5]),
+        "num_items_in_batch": torch.tensor(5.0),
+        "appo_group": torch.tensor([0, 0]),
+        "appo_root_rewards": torch.tensor([[1.0], [0.0]]),
+        "appo_inputs": [{"prompt": "q"}, {"prompt": "q"}],
+    }
+    if with_old:
+        batch["old_per_token_logps"] = torch.full((2, 4), -1.0)
+    if with_ref:
+        batch["ref_per_token_logps"] = torch.full((2, 4), -2.0)
+    return batch
+
+
+def test_branch_row_loss_mask_is_zero_on_the_prefix_and_the_model_mask_after():
+    batch = _root_batch(with_old=True, with_ref=True)
+    view = branching.RootView.of(batch)
+    # Root 0 branched after its first two tokens (a tool token inside the prefix), root 1 after one token.
+    branches = [
+        _rollout([11, 12, 31, 32, 33, 9], [1, 0, 1, 0, 1, 1], prefix_length=2),
+        _rollout([21, 41, 9], [1, 1, 1], prefix_length=1),
+    ]
+    pts = core.BranchPoints(root=torch.tensor([0, 1]), position=torch.tensor([1, 0]), strict=torch.tensor([1, 1]).bool(),
+                            fallback=torch.tensor([0, 0]), score=torch.tensor([0.3, 0.2]))
+    rows = branching.build_branch_rows(_fake_trainer(), view, pts, branches, torch.tensor([0.7, -0.2]))
+
+    assert rows["tool_mask"].tolist() == [[0, 0, 1, 0, 1, 1], [0, 1, 1, 0, 0, 0]]
+    assert rows["completion_mask"].tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]
+    assert rows["completion_ids"].tolist() == [[11, 12, 31, 32, 33, 9], [21, 41, 9, PAD, PAD, PAD]]
+    assert torch.equal(rows["prompt_ids"], batch["prompt_ids"])  # the root's prompt, padded as the roots'
+    assert rows["advantages"][0].unique().tolist() == pytest.approx([0.7])
+    assert rows["advantages"][1].unique().tolist() == pytest.approx([-0.2])
+    # off-policy batch: the branch rows carry behaviour log-probs (the current weights sampled them) ...
+    assert torch.all(rows["old_per_token_logps"] == -1.5)
+    # ... and reference log-probs because the roots have them (beta > 0)
+    assert torch.all(rows["ref_per_token_logps"] == -3.0)
+
+
+def test_branch_rows_without_old_logps_when_the_batch_is_on_policy_and_truncated_rows_masked():
+    view = branching.RootView.of(_root_batch(with_old=False))
+    branches = [_rollout([11, 12, 31], [1, 0, 1], 2), _rollout([21, 41, 9], [1, 1, 1], 1)]  # the first is cut off
+    pts = core.BranchPoints(torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([1, 1]).bool(),
+                            torch.tensor([0, 0]), torch.tensor([0.0, 0.0]))
+    rows = branching.build_branch_rows(_fake_trainer(mask_truncated=True), view, pts, branches, torch.zeros(2))
+    assert "old_per_token_logps" not in rows and "ref_per_token_logps" not in rows
+    assert rows["tool_mask"].tolist() == [[0, 0, 0], [0, 1, 1]]  # mask_truncated_completions honoured
+    assert rows["completion_mask"][0].sum() == 0
+
+
+def test_append_rows_repads_and_refuses_a_missing_loss_column():
+    batch = _root_batch()
+    extra = {
+        "prompt_ids": torch.tensor([[7, 8]]), "prompt_mask": torch.tensor([[1, 1]]),
+        "completion_ids": torch.tensor([[5, 6, 7, 8, 9, 9]]), "completion_mask": torch.ones(1, 6, dtype=torch.long),
+        "tool_mask": torch.tensor([[0, 0, 1, 1, 1, 1]]), "advantages": torch.full((1, 6), 2.0),
+        "old_per_token_logps": torch.zeros(1, 6),
+    }
+    batch["advantages"] = batch["advantages"][:, None].expand(2, 4)
+    out = branching.append_rows(batch, extra, PAD)
+    assert out["completion_ids"].shape == (3, 6) and out["prompt_ids"].shape == (3, 3)
+    assert out["prompt_ids"][2].tolist() == [PAD, 7, 8] and out["prompt_mask"][2].tolist() == [0, 1, 1]
+    assert out["completion_mask"][0].tolist() == [1, 1, 1, 1, 0, 0]
+    assert out["tool_mask"][2].tolist() == [0, 0, 1, 1, 1, 1]
+    assert "appo_group" not in out and out["num_items_in_batch"] == 5.0
+    assert branching.loss_tokens(out) == 3 + 2 + 4  # root 0: 3 (one tool token), root 1: 2, branch: 4
+    del extra["old_per_token_logps"]
+    with pytest.raises(KeyError, match="old_per_token_logps"):
+        branching.append_rows(batch, extra, PAD)
+
+
+def test_shared_end_keep_and_resample():
+    pos = torch.tensor([5, 0, -1])
+    assert branching.shared_end(pos, keep_token=True).tolist() == [5, 0, -1]
+    assert branching.shared_end(pos, keep_token=False).tolist() == [4, -1, -1]
+
+
+# ------------------------------------------------------------------ in the trainer
+
+
+@pytest.fixture
+def first_token_criterion():
+    """A registered criterion that always picks the first candidate token (to build empty-prefix branches)."""
+
+    @core.register_branch_criterion("first_token")
+    def first(scores, entropy, candidates, generator):
+        T = candidates.shape[1]
+        zeros = torch.zeros(candidates.shape)
+        return zeros.long(), -torch.arange(T, dtype=torch.float32).expand(candidates.shape[0], T), zeros
+
+    yield "first_token"
+    del core.BRANCH_CRITERIA["first_token"]
+
+
+def _no_whitespace(trainer):
+    vocab = trainer.model.config.vocab_size
+    trainer._appo_whitespace = torch.zeros(max(vocab, len(trainer._tokenizer)), dtype=torch.bool)
+
+
+def test_suffix_with_empty_prefixes_in_one_group_is_grpo_on_all_m_rollouts(
+    tiny_model, tiny_tokenizer, tmp_path, first_token_criterion
+):
+    # Resampling the first token leaves no shared prefix; with one group over roots and branches and no
+    # future-KL, every one of the M rollouts is trained with GRPO's advantage over the M rewards of its prompt.
+    args = make_args(tmp_path, branch_criterion=first_token_criterion, branch_point_token="resample",
+                     branch_loss="suffix", dual_groups=False, future_kl=False, procedure_scale=False,
+                     min_branch_tokens=1)
+    trainer = make_trainer(tiny_model, tiny_tokenizer, args)
+    _no_whitespace(trainer)
+    dual = Recorder(core, "dual_group_advantages")
+    try:
+        losses = Recorder(trainer, "_compute_loss")
+        runs = Recorder(trainer._appo_engine, "run")
+        trainer.train()
+    finally:
+        core.dual_group_advantages = dual._orig
+    branch_kwargs, branches = runs.calls[1][1], runs.calls[1][2]
+    assert all(p is None for p in branch_kwargs["prefixes"])  # nothing shared
+    (root_rw, branch_rw, weights, n, p), _, _ = dual.calls[0]
+    joint = torch.cat([root_rw, branch_rw])  # one prompt: its N roots and N·B branches
+    expected = core._grpo_advantages(joint, weights, len(joint), "group", "sum_then_normalize")
+
+    inputs = losses.calls[0][0][1]
+    mask = inputs["completion_mask"] * inputs["tool_mask"]
+    assert inputs["completion_ids"].shape[0] == args.num_generations  # all M rollouts reach the loss
+    assert bool(mask.any(dim=1).all())  # every row has model tokens in the loss
+    got = torch.stack([inputs["advantages"][i][mask[i].bool()][0] for i in range(mask.shape[0])])
+    torch.testing.assert_close(got.sort().values, expected.sort().values)
+    # each branch's every model token is in the loss (empty prefix)
+    assert int(mask.sum()) == sum(sum(r.model_mask) for r in runs.calls[0][2]) + sum(sum(b.model_mask) for b in branches)
+
+
+def test_suffix_per_update_with_accumulation_iterations_kl_and_dapo(tiny_tokenizer, tmp_path):
+    from trl_appo.testing import build_tiny_model, save_tiny_pair
+
+    model_dir = save_tiny_pair(build_tiny_model(tiny_tokenizer), tiny_tokenizer, str(tmp_path / "model"))
+    args = make_args(tmp_path / "out", branch_schedule="per_update", branch_loss="suffix", branch_advantage="local",
+                     gradient_accumulation_steps=2, steps_per_generation=4, per_device_train_batch_size=4,
+                     num_generations=4, num_branches=1, num_iterations=2, beta=0.05, loss_type="dapo",
+                     max_steps=2)
+    trainer = make_trainer(model_dir, tiny_tokenizer, args)
+    losses = Recorder(trainer, "_compute_loss")
+    trainer.train()
+    assert len(losses.calls) == 4  # 2 optimizer steps x GA 2
+    first_window = losses.calls[:2]
+    tokens = sum(int((c[0][1]["completion_mask"] * c[0][1]["tool_mask"]).sum()) for c in first_window)
+    for (_, inputs), _, _ in losses.calls:
+        assert inputs["completion_ids"].shape[0] == args.per_device_train_batch_size  # roots + branches, no more
+        for key in ("old_per_token_logps", "ref_per_token_logps", "advantages", "tool_mask"):
+            assert inputs[key].shape == inputs["completion_ids"].shape, key
+    # DAPO's normaliser counts this window's tokens, roots and branches (scaled as TRL scales it)
+    window_items = first_window[0][0][1]["num_items_in_batch"]
+    assert float(window_items) == pytest.approx(tokens * args.steps_per_generation / args.gradient_accumulation_steps)
+    logs = {k for e in trainer.state.log_history for k in e}
+    assert "appo/branch_loss_tokens" in logs and "kl" in logs
+
+
+def test_suffix_loss_and_gradients_equal_a_plain_loop(tiny_model, tiny_tokenizer, tmp_path):
+    """A hand-built batch of one root and one branch row: TRL's loss over our rows = a token-by-token loop."""
+    args = make_args(tmp_path, branch_loss="suffix", future_kl=False, loss_type="dapo")
+    trainer = make_trainer(tiny_model, tiny_tokenizer, args)
+    model = trainer.model
+    prompt = [5, 6, 7]
+    root = [11, 12, 13, 14, 15]
+    branch = [11, 12, 20, 21]  # shares 11, 12 with the root
+    inputs = {
+        "prompt_ids": torch.tensor([prompt, prompt]), "prompt_mask": torch.ones(2, 3, dtype=torch.long),
+        "completion_ids": torch.tensor([root, branch + [0]]),
+        "completion_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]),
+        "tool_mask": torch.tensor([[1, 1, 0, 1, 1], [0, 0, 1, 1, 1]]),  # a tool token in the root; the branch prefix
+        "advantages": torch.tensor([[0.5, 0.5, 0.5, 1.5, 1.5], [-1.0, -1.0, -1.0, -1.0, -1.0]]),
+        "old_per_token_logps": None,
+        "num_items_in_batch": torch.tensor(6.0 * args.steps_per_generation),
+    }
+    inputs = {k: v for k, v in inputs.items() if v is not None}
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train; this calls the loss directly
+    model.zero_grad()
+    loss = trainer._compute_loss(model, inputs)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.zero_grad()
+    total = 0.0
+    for ids, mask, adv in ((root, [1, 1, 0, 1, 1], inputs["advantages"][0]), (branch, [0, 0, 1, 1], inputs["advantages"][1])):
+        seq = torch.tensor([prompt + ids])
+        logits = model(seq).logits[0, len(prompt) - 1 : -1] / args.temperature
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(ids)[:, None])[:, 0]
+        for t, m in enumerate(mask):
+            if m:  # ratio exp(logp - logp.detach()) = 1 in value; its gradient is ∇logp
+                total = total - torch.exp(logp[t] - logp[t].detach()) * adv[t]
+    ref_loss = total / 6.0  # six loss tokens in the window
+    ref_loss.backward()
+    torch.testing.assert_close(loss.detach(), ref_loss.detach(), rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_config_validates_the_new_branch_fields(tmp_path):
+    for field, bad in (("branch_loss", "all"), ("branch_point_token", "drop"), ("branch_advantage", "global")):
+        with pytest.raises(ValueError, match=field):
+            APPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to="none", num_generations=8,
+                       per_device_train_batch_size=8, num_branches=1, **{field: bad})
+    with pytest.raises(ValueError, match="branch_criterion"):
+        APPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to="none", num_generations=8,
+                   per_device_train_batch_size=8, branch_criterion="nope")

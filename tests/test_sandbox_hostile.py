@@ -31,7 +31,17 @@ CALLERS = ["root", "unprivileged"] if IS_ROOT else ["unprivileged"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAG = uuid.uuid4().hex[:12]
 
-pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed (.ci/run installs it)")
+REQUIRED = os.environ.get("APPO_REQUIRE_SANDBOX_TESTS") == "1"  # .ci/run: a skip here is a failure
+
+
+def _skip(reason: str) -> None:
+    (pytest.fail if REQUIRED else pytest.skip)(reason)
+
+
+@pytest.fixture(autouse=True)
+def _needs_bubblewrap():
+    if shutil.which("bwrap") is None:
+        _skip("bubblewrap is not installed (.ci/run installs it)")
 
 
 def _world_readable(path: str) -> bool:
@@ -50,9 +60,10 @@ def _interpreter(caller: str) -> tuple[list[str], str]:
     if not _world_readable(sysconfig.get_paths()["stdlib"]):  # a pyenv Python under /root: use the system one
         python = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
         if not os.path.exists(python):
-            pytest.skip(f"no interpreter readable by uid {THROWAWAY_UID}")
+            _skip(f"no interpreter readable by uid {THROWAWAY_UID}: install python{sys.version_info.major}."
+                  f"{sys.version_info.minor} system-wide or use a world-readable venv")
     if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is needed to drop to a throwaway uid")
+        _skip("setpriv (util-linux) is needed to drop to a throwaway uid")
     uid = str(THROWAWAY_UID)
     return ["setpriv", "--reuid", uid, "--regid", uid, "--clear-groups", "--"], python
 
@@ -69,12 +80,37 @@ TRAINER = os.getpid()
 """
 
 
-def _drive(caller: str, world: dict, script: str, timeout: float = 120) -> subprocess.Popen | dict:
-    import filelock
+_STAGED: dict[str, str] = {}
 
+
+def _staged() -> dict[str, str]:
+    """A world-readable copy of trl_appo/tools and filelock: the checkout may sit where the throwaway uid cannot
+    read (/root/...)."""
+    if not _STAGED:
+        import atexit
+
+        import filelock
+
+        base = tempfile.mkdtemp(prefix="appo-hostile-code-")
+        atexit.register(shutil.rmtree, base, True)
+        ignore = shutil.ignore_patterns("__pycache__")
+        shutil.copytree(os.path.join(REPO, "trl_appo", "tools"), os.path.join(base, "trl_appo", "tools"), ignore=ignore)
+        shutil.copytree(os.path.dirname(filelock.__file__), os.path.join(base, "deps", "filelock"), ignore=ignore)
+        for root, dirs, names in os.walk(base):
+            os.chmod(root, 0o755)
+            for name in names:
+                os.chmod(os.path.join(root, name), 0o644)
+        _STAGED.update(pkg=os.path.join(base, "trl_appo"), deps=os.path.join(base, "deps"))
+    return _STAGED
+
+
+def _driver_code(world: dict, script: str) -> str:
+    return _PREAMBLE.format(**_staged(), world=json.dumps(world)) + textwrap.dedent(script)
+
+
+def _drive(caller: str, world: dict, script: str, timeout: float = 120) -> dict:
     prefix, python = _interpreter(caller)
-    code = _PREAMBLE.format(deps=os.path.dirname(os.path.dirname(filelock.__file__)),
-                            pkg=os.path.join(REPO, "trl_appo"), world=json.dumps(world)) + textwrap.dedent(script)
+    code = _driver_code(world, script)
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": world["home"], "APPO_HOSTILE_SECRET": ENV_SECRET,
            "APPO_PYTHON_ISOLATION": "auto"}
     out = subprocess.run([*prefix, python, "-c", code], capture_output=True, text=True, env=env, cwd="/",
@@ -304,10 +340,7 @@ def test_the_sandbox_dies_with_the_trainer(caller):
     marker = f"61.{int(TAG[:6], 16) % 10**6}{len(caller)}"
     world = _make_world(caller)
     prefix, python = _interpreter(caller)
-    import filelock
-
-    code = _PREAMBLE.format(deps=os.path.dirname(os.path.dirname(filelock.__file__)),
-                            pkg=os.path.join(REPO, "trl_appo"), world=json.dumps(world)) + (
+    code = _driver_code(world, "") + (
         "print('start', flush=True)\n"
         f"PythonTool(timeout=60).run('import os, subprocess\\nsubprocess.Popen([\"sleep\", \"{marker}\"], "
         "start_new_session=True)\\nos.execvp(\"sleep\", [\"sleep\", \"" + marker + "\"])')\n")

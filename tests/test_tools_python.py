@@ -141,3 +141,55 @@ def test_background_processes_die_with_the_call(py):
     )
     assert py.run(code).text == "parent done"
     assert _wait_for_no_sandbox_processes() == []
+
+
+# -- isolation levels -------------------------------------------------------------------------------------------
+
+
+def test_strong_isolation_is_the_default_and_is_reported(py):
+    from trl_appo.tools import describe_isolation
+
+    assert py.isolation == "bubblewrap"
+    line = describe_isolation(ToolRegistry([py]))
+    assert line.startswith("python: isolation=bubblewrap") and "per-call limits" in line
+
+
+def test_refuses_to_run_model_code_without_bubblewrap():
+    from trl_appo.tools import SandboxUnavailable
+
+    with pytest.raises(SandboxUnavailable, match=r"install bubblewrap.*isolation='none'"):
+        PythonTool(bwrap="/nonexistent/bwrap")
+    with pytest.raises(SandboxUnavailable, match="install bubblewrap"):
+        PythonTool(isolation="bubblewrap", bwrap="/nonexistent/bwrap")
+    with pytest.raises(ValueError, match="isolation must be"):
+        PythonTool(isolation="weak")
+
+
+def test_the_weak_level_is_opt_in_and_named(monkeypatch):
+    weak = PythonTool(timeout=5.0, isolation="none")
+    assert weak.isolation == "none" and "WEAK" in weak.describe_isolation()
+    assert weak.run("print(6 * 7)").text == "42"
+    monkeypatch.setenv("APPO_PYTHON_ISOLATION", "none")
+    assert PythonTool(timeout=5.0, bwrap="/nonexistent/bwrap").isolation == "none"
+
+
+def test_the_real_interpreter_and_its_packages_are_mounted_read_only():
+    """A venv whose base interpreter lives where the sandbox user cannot read (pyenv under /root) still runs
+    itself, with its own packages, not a system Python without them."""
+    import site
+    import sys
+
+    numpy = pytest.importorskip("numpy")
+    if not any(numpy.__file__.startswith(p) for p in site.getsitepackages()):
+        pytest.skip("numpy is not one of this interpreter's own packages")
+    r = PythonTool(timeout=20.0).run("import sys, numpy\nprint(sys.executable)\nprint(sys.prefix)\n"
+                                     "open(numpy.__file__, 'a')")
+    lines = r.text.splitlines()
+    assert lines[:2] == [sys.executable, sys.prefix]
+    assert "Read-only file system" in r.text or "PermissionError" in r.text
+
+
+def test_private_tmpfs_is_size_capped():
+    r = PythonTool(timeout=10.0, tmpfs_mb=8, max_file_size_mb=64).run(
+        "open('/tmp/big', 'wb').write(b'x' * (16 << 20))")
+    assert r.failed and "No space left on device" in r.text

@@ -90,6 +90,8 @@ os.dup2(_null, 0)
 os.close(_null)
 sys.path[:0] = cfg["paths"]
 sys.path += cfg.get("site", [])  # -S: site-packages without running .pth files (fast start)
+if cfg.get("prefix"):  # what site.py would set in a venv
+    sys.prefix, sys.exec_prefix = cfg["prefix"]
 root = os.geteuid() == 0
 # ctypes (slow to import) only where a syscall Python 3.11 lacks is needed: as root, and at the "none" level.
 need_libc = root or cfg["mode"] != "bubblewrap"
@@ -331,7 +333,8 @@ class PythonTool(Tool):
             self.bwrap = bwrap or shutil.which("bwrap") or ""
             if self.is_root and self.uid is None:
                 raise ValueError("PythonTool: the bubblewrap sandbox needs a user to drop to when run as root")
-            self.site_paths = _interpreter_info(os.path.abspath(self.python_executable))[1] if self.bwrap else []
+            info = _interpreter_info(os.path.abspath(self.python_executable)) if self.bwrap else ([], [], None)
+            self.site_paths, self.prefixes = info[1], info[2]
             self._command = self._bwrap_command() if self.bwrap else []
             problem = self._probe()
             if problem:
@@ -423,7 +426,7 @@ class PythonTool(Tool):
         for link, target in _root_links():
             cmd += ["--symlink", target, link]
         cmd += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", *tmpfs, "--tmpfs", "/dev/shm",
-                "--chdir", SANDBOX_ROOT]
+                "--remount-ro", "/", "--chdir", SANDBOX_ROOT]
         for key, value in self._env(SANDBOX_ROOT, "/tmp").items():
             cmd += ["--setenv", key, value]
         return [*cmd, "--", self.python_executable, "-I", "-S", "-u", "-c", _BOOTSTRAP]
@@ -452,7 +455,8 @@ class PythonTool(Tool):
     def _config(self, cells: list[str]) -> dict[str, Any]:
         return {"mode": self._isolation if hasattr(self, "_isolation") else "bubblewrap", "limits": self.limits,
                 "uid": self.uid, "gid": self.gid, "cells": cells, "isolate_network": self.isolate_network,
-                "paths": self.extra_paths, "site": getattr(self, "site_paths", [])}
+                "paths": self.extra_paths, "site": getattr(self, "site_paths", []),
+                "prefix": getattr(self, "prefixes", None)}
 
     def run(self, code: str, history: list[str] | None = None) -> SandboxResult:
         """Execute `code` (after silently replaying `history`) in a fresh sandboxed process."""
@@ -634,8 +638,9 @@ def _readonly_paths(executable: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _interpreter_info(executable: str) -> tuple[list[str], list[str]]:
-    """(directories to mount, site-packages directories) of `executable` (this process's, or asked from it)."""
+def _interpreter_info(executable: str) -> tuple[list[str], list[str], list[str] | None]:
+    """(directories to mount, site-packages directories, [sys.prefix, sys.exec_prefix]) of `executable`
+    (this process's, or asked from the interpreter)."""
     probe = ("import json, site, sys, sysconfig; print(json.dumps([[sys.prefix, sys.base_prefix, sys.exec_prefix, "
              "sys.base_exec_prefix, *sysconfig.get_paths().values()], site.getsitepackages()]))")
     if executable == os.path.abspath(sys.executable):
@@ -646,7 +651,7 @@ def _interpreter_info(executable: str) -> tuple[list[str], list[str]]:
         paths, sites = json.loads(out.stdout) if out.returncode == 0 else ([], [])
     sites = [p for p in dict.fromkeys(sites) if os.path.isdir(p)]
     binds = [p for p in [*paths, *sites, os.path.dirname(executable)] if p and os.path.isdir(p) and p != "/"]
-    return binds, sites
+    return binds, sites, (paths[0], paths[2]) if len(paths) > 2 else None
 
 
 def _root_links() -> list[tuple[str, str]]:

@@ -52,6 +52,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import marshal
 import os
 import selectors
 import shutil
@@ -83,8 +84,8 @@ class SandboxUnavailable(RuntimeError):
 # Runs in the child before any user code; the configuration (limits, cells) arrives as JSON on stdin.
 # Kept as a constant string run with `python -I -c`, so the sandboxed code can never tamper with it.
 _BOOTSTRAP = r"""
-import ast, builtins, json, linecache, os, resource, signal, sys
-cfg = json.loads(sys.stdin.buffer.read())
+import _ast, _signal, builtins, marshal, os, resource, sys  # builtin modules only: fast start
+cfg = marshal.loads(sys.stdin.buffer.read())
 _null = os.open(os.devnull, os.O_RDONLY)
 os.dup2(_null, 0)
 os.close(_null)
@@ -126,7 +127,7 @@ def _init(child):
     # bwrap can still deliver the --die-with-parent SIGKILL to it.
     if root:  # (not root: bwrap's --die-with-parent PDEATHSIG is still set)
         _no_caps()
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, _signal.SIGKILL, 0, 0, 0)
     while True:
         try:
             _, status = os.waitpid(child, 0)
@@ -149,7 +150,7 @@ if cfg["mode"] == "bubblewrap":
             with open("/proc/self/" + name, "w") as f:
                 f.write(text)
         _no_caps()  # those the new user namespace grants
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, _signal.SIGKILL, 0, 0, 0)
     _limits()
 else:
     net = "none"
@@ -167,13 +168,13 @@ else:
         if _child:
             _init(_child)
     _limits()
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+_signal.signal(_signal.SIGXFSZ, _signal.SIG_IGN)
 if cfg["mode"] != "bubblewrap" and root and cfg["uid"] is not None:
     _drop(cfg["uid"], cfg["gid"])
 if need_libc:  # (bwrap sets it for its sandbox)
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
 if pid1:
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # set after setuid, which clears it
+    libc.prctl(PR_SET_PDEATHSIG, _signal.SIGKILL, 0, 0, 0)  # set after setuid, which clears it
 if cfg["mode"] != "bubblewrap" and net == "guard":
     import socket
     def _no_network(*a, **k):
@@ -184,15 +185,21 @@ del cfg, _drop, _fail, _init, _limits, _no_caps
 def _show(value):
     if value is not None:
         print(repr(value))
+_sources = {}
 def _compile(src, name):
-    tree = ast.parse(src, name)
-    if tree.body and isinstance(tree.body[-1], ast.Expr):
+    _sources[name] = src
+    tree = compile(src, name, "exec", _ast.PyCF_ONLY_AST)  # the `ast` module itself is slow to import
+    if tree.body and isinstance(tree.body[-1], _ast.Expr):
         last = tree.body[-1]
-        call = ast.Call(func=ast.Name("__appo_show__", ast.Load()), args=[last.value], keywords=[])
-        tree.body[-1] = ast.copy_location(ast.Expr(call), last)
-        ast.fix_missing_locations(tree)
-    linecache.cache[name] = (len(src), None, src.splitlines(True), name)  # source lines in tracebacks
+        pos = {k: getattr(last, k) for k in ("lineno", "col_offset", "end_lineno", "end_col_offset")}
+        func = _ast.Name("__appo_show__", _ast.Load(), **pos)
+        tree.body[-1] = _ast.Expr(_ast.Call(func, [last.value], [], **pos), **pos)
     return compile(tree, name, "exec")
+def _print_exception(e, tb):
+    import linecache, traceback
+    for name, src in _sources.items():  # source lines of the cells in the traceback
+        linecache.cache[name] = (len(src), None, src.splitlines(True), name)
+    traceback.print_exception(type(e), e, tb)
 g = {"__name__": "__main__", "__builtins__": builtins, "__appo_show__": _show}
 out, err = sys.stdout, sys.stderr
 for i, src in enumerate(cells[:-1]):  # replay of a persistent session: silent, errors skipped
@@ -206,16 +213,14 @@ for i, src in enumerate(cells[:-1]):  # replay of a persistent session: silent, 
 try:
     code = _compile(cells[-1], "<cell>")
 except (SyntaxError, ValueError) as e:  # ValueError: null bytes in the source
-    import traceback
-    traceback.print_exception(type(e), e, None)
+    _print_exception(e, None)
     sys.exit(1)
 try:
     exec(code, g)
 except SystemExit:
     raise
 except BaseException as e:
-    import traceback
-    traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # drop the bootstrap's own frame
+    _print_exception(e, e.__traceback__.tb_next)  # drop the bootstrap's own frame
     sys.exit(1)
 """
 
@@ -449,7 +454,7 @@ class PythonTool(Tool):
         """Why bubblewrap cannot run a trivial call here ('' when it can); cached per configuration."""
         if not self.bwrap:
             return "bubblewrap (`bwrap`) is not installed"
-        return _probe_cached(tuple(self._command), json.dumps(self._config(["print(6 * 7)"])),
+        return _probe_cached(tuple(self._command), marshal.dumps(self._config(["print(6 * 7)"])),
                              self.uid is not None)
 
     def _config(self, cells: list[str]) -> dict[str, Any]:
@@ -461,7 +466,7 @@ class PythonTool(Tool):
     def run(self, code: str, history: list[str] | None = None) -> SandboxResult:
         """Execute `code` (after silently replaying `history`) in a fresh sandboxed process."""
         start = time.monotonic()
-        config = json.dumps(self._config([*(history or []), code])).encode()
+        config = marshal.dumps(self._config([*(history or []), code]))
         workdir = None
         if self._isolation == "bubblewrap":
             popen = {"args": self._command, "cwd": "/", "env": {"PATH": "/usr/bin:/bin"}}
@@ -613,9 +618,9 @@ def _kill_tree(bwrap_pid: int) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _probe_cached(command: tuple[str, ...], config: str, drops: bool) -> str:
+def _probe_cached(command: tuple[str, ...], config: bytes, drops: bool) -> str:
     try:
-        out = subprocess.run(list(command), input=config.encode(), capture_output=True, timeout=60,
+        out = subprocess.run(list(command), input=config, capture_output=True, timeout=60,
                              cwd="/", env={"PATH": "/usr/bin:/bin"})
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"bubblewrap did not run ({exc})"

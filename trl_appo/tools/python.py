@@ -29,7 +29,14 @@ Isolation levels (`PythonTool(isolation=...)`; `PythonTool().isolation` reports 
     ``tmpfs_mb``; and the memory of the whole call (resident anonymous + shmem memory summed over its
     processes) is polled every ``memory_poll_s`` by the parent, which kills the call above ``memory_mb``.
     Without cgroups this sum is a watchdog, not an allocator limit: between two polls a call can overshoot
-    by what it allocates in that interval (each process is still bounded by RLIMIT_AS).
+    by what it allocates in that interval (each process is still bounded by RLIMIT_AS). CPU time is capped
+    per process (RLIMIT_CPU) and per call by the wall-clock timeout, which kills the whole namespace.
+  - the interpreter starts with ``-I -S``: its site-packages are on ``sys.path`` but their ``.pth`` files are
+    not run (they cost ~30 ms per call; editable installs of project code would not be visible anyway).
+  - ``isolate_network=False`` shares the host's network namespace (and so its abstract unix sockets).
+  - not done: no seccomp filter or Landlock ruleset on top (bubblewrap's namespaces are the boundary); the
+    code can ptrace or signal the other processes *of its own call* (nothing else is visible).
+  The trainer can log the achieved level once at start with `describe_isolation(tools)`.
 * ``"none"`` (opt-in only, or ``APPO_PYTHON_ISOLATION=none``) — the weaker legacy sandbox: a bootstrap
   child with rlimits; as root a drop to ``user``, and new network and PID namespaces; not root, a network
   namespace where the kernel allows it, else a Python-level socket guard. The code sees the host

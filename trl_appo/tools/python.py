@@ -523,6 +523,8 @@ class PythonTool(Tool):
                      "(all processes killed)")
         elif sig is not None:
             text += f"\n[process killed: {_SIGNAL_REASONS.get(sig, f'signal {sig}')}]"
+        if sig is not None:
+            code_ = -sig  # as subprocess reports a signal, whichever level ran
         return SandboxResult(text.strip("\n"), code_, timed_out, flooded, total, time.monotonic() - start, memory)
 
     def _read_output(self, proc: subprocess.Popen, deadline: float) -> tuple[bytes, int, bool, bool, bool]:
@@ -704,6 +706,9 @@ def _sandbox_interpreter(drops_privileges: bool) -> tuple[str, list[str]]:
     if all(_world_readable(p) for p in packages):
         for candidate in (f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"):
             if os.path.exists(candidate) and _world_readable(f"/usr/lib/python{version}"):
+                logger.warning("PythonTool(isolation='none'): the sandbox user cannot read %s's standard library; "
+                               "running %s with this environment's site-packages %s instead.",
+                               sys.executable, candidate, packages)
                 return candidate, packages
     raise SandboxUnavailable(
         f"PythonTool(isolation='none'): the sandbox user cannot read {sys.executable}'s standard library or "

@@ -57,7 +57,8 @@ def _interpreter(caller: str) -> tuple[list[str], str]:
     if caller == "root" or not IS_ROOT:
         return [], sys.executable
     python = sys.executable
-    if not _world_readable(sysconfig.get_paths()["stdlib"]):  # a pyenv Python under /root: use the system one
+    if not (_world_readable(sysconfig.get_paths()["stdlib"]) and _world_readable(os.path.dirname(sys.executable))):
+        # a pyenv Python, or a venv in a checkout, under /root: use the system Python of the same version
         python = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
         if not os.path.exists(python):
             _skip(f"no interpreter readable by uid {THROWAWAY_UID}: install python{sys.version_info.major}."

@@ -1,10 +1,18 @@
-"""`trl-appo` subcommands: help, inspect on synthetic branch trees, eval on a tiny saved model, bad input."""
+"""`trl-appo` subcommands: help, inspect on synthetic branch trees, eval on a tiny saved model, bad input (exit 2
+and one line on stderr naming the fix), the installed command outside the checkout."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from trl_appo.cli import EXIT_BAD_INPUT, main
+
+DEMO = Path(__file__).resolve().parents[1] / "recipes" / "cpu" / "demo.yaml"
 
 
 def _record(step=3):
@@ -41,7 +49,41 @@ def test_help_of_each_subcommand(command, capsys):
 def test_train_help_lists_recipe_fields(capsys):
     assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "--config" in out and "branch_criterion" in out
+    assert "--config" in out and "branch_criterion" in out and "--help_all" in out
+    assert main(["train", "--help_all"]) == 0  # every field, from TRL's parser
+    out = capsys.readouterr().out
+    assert "--num_branches" in out and "--lora_r" in out and "--search_backend" in out
+
+
+_HELP_PROBE = """
+import sys
+from trl_appo.cli import main
+for argv in (["--help"], ["train", "--help"], ["eval", "--help"], ["inspect", "--help"], ["recipes"]):
+    assert main(argv) == 0, argv
+print("HEAVY", sorted(m for m in ("torch", "trl", "transformers") if m in sys.modules))
+"""
+
+
+def test_help_imports_no_torch_or_trl_and_lists_config_first():
+    proc = subprocess.run([sys.executable, "-c", _HELP_PROBE], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout
+    train_help = proc.stdout.split("usage: trl-appo train", 1)[1]
+    options = train_help.split("options:", 1)[1].splitlines()
+    first = next(line for line in options if line.strip().startswith("-"))
+    assert first.strip().startswith("--config"), first
+
+
+def test_eval_flags_take_underscores_and_the_old_dashes():
+    from trl_appo.cli import build_parser
+
+    parser = build_parser()
+    new = parser.parse_args(["eval", "--model", "m", "--dataset", "d", "--max_completion_length", "7",
+                             "--max_tool_calls", "1", "--top_p", "0.5", "--batch_size", "3"])
+    old = parser.parse_args(["eval", "--model", "m", "--dataset", "d", "--max-completion-length", "7",
+                             "--max-tool-calls", "1", "--top-p", "0.5", "--batch-size", "3"])
+    assert vars(new) == vars(old)
+    assert (new.max_completion_length, new.max_tool_calls, new.top_p, new.batch_size) == (7, 1, 0.5, 3)
 
 
 def test_unknown_subcommand_is_a_usage_error(capsys):
@@ -86,10 +128,13 @@ def test_eval_on_tiny_saved_model_writes_json_table(tiny_model_dir, tmp_path, ca
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "res.json"
     rc = main(["eval", "--model", tiny_model_dir, "--dataset", str(data), "--k", "1", "--n", "2",
-               "--max-completion-length", "12", "--tools", "python", "--output", str(out)])
+               "--max_completion_length", "12", "--tools", "python", "--output", str(out),
+               "--progress", "always"])
     assert rc == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "pass@1" in printed and "toy" in printed
+    assert "eval" in captured.err and "2/2" in captured.err  # the tqdm bar: prompts done / total
     result = json.loads(out.read_text())
     assert result["overall"]["num_rollouts"] == 4
     assert result["overall"]["pass_at"]["pass@1"] == pytest.approx(0.0)  # a random model never answers
@@ -110,3 +155,146 @@ def test_eval_bad_k_and_missing_files(tmp_path, capsys):
     assert "--k" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path), "--dataset", str(tmp_path / "none.jsonl")]) == EXIT_BAD_INPUT
     assert "dataset not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def _bad(argv, capsys, *needles):
+    """Exit 2 with exactly one line on stderr containing every needle."""
+    assert main(argv) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("trl-appo"), lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def _scripts_imported():
+    import trl_appo.scripts  # noqa: F401 - import-time noise stays out of the captured test output
+
+
+def _recipe(tmp_path, text, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_train_unknown_yaml_key(tmp_path, capsys, _scripts_imported):
+    path = _recipe(tmp_path, DEMO.read_text() + "\nnum_brances: 2\n")
+    _bad(["train", "--config", path], capsys, "unknown recipe key 'num_brances'", "did you mean 'num_branches'")
+
+
+def test_train_yaml_syntax_error(tmp_path, capsys, _scripts_imported):
+    path = _recipe(tmp_path, "model_name_or_path: tiny\nmax_steps: [1\n")
+    _bad(["train", "--config", path], capsys, "YAML syntax error", "line 3", "fix the YAML")
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "- a\n- b\n"], ids=["empty", "comment", "list"])
+def test_train_empty_or_non_mapping_yaml(tmp_path, capsys, text, _scripts_imported):
+    path = _recipe(tmp_path, text)
+    line = _bad(["train", "--config", path], capsys, "recipe")
+    assert "is empty" in line or "must be a YAML mapping" in line
+
+
+@pytest.mark.parametrize("value", ["[1, 2]", "fast", "{a: 1}"])
+def test_train_learning_rate_of_the_wrong_type(tmp_path, capsys, value, _scripts_imported):
+    text = "".join(line + "\n" for line in DEMO.read_text().splitlines() if not line.startswith("learning_rate"))
+    path = _recipe(tmp_path, text + f"learning_rate: {value}\n")
+    _bad(["train", "--config", path], capsys, "'learning_rate'", "must be one float", "learning_rate: ")
+
+
+@pytest.mark.parametrize(
+    "override",
+    [["--num_generations", "15"],  # GRPOConfig: generation batch not divisible by M
+     ["--num_roots", "3"],  # APPOConfig: N * (1 + B) != M
+     ["--branch_criterion", "bogus"],
+     ["--max_steps", "abc"]],
+    ids=["grpo_divisible", "appo_budget", "choice", "flag_type"],
+)
+def test_train_config_construction_errors_are_one_line(override, capsys, _scripts_imported):
+    _bad(["train", "--config", str(DEMO), *override], capsys, override[0].lstrip("-"))
+
+
+def test_train_budget_error_message_comes_from_appo_config(capsys, _scripts_imported):
+    from trl_appo.config import APPOConfig
+
+    with pytest.raises(ValueError) as info:
+        APPOConfig(output_dir="x", num_generations=16, num_roots=3, num_branches=3, use_cpu=True, bf16=False,
+                   per_device_train_batch_size=16, gradient_accumulation_steps=1, steps_per_generation=2)
+    line = _bad(["train", "--config", str(DEMO), "--num_roots", "3"], capsys, "invalid settings")
+    assert " ".join(str(info.value).split()) in line
+
+
+def test_train_missing_recipe_and_unknown_flag(tmp_path, capsys, _scripts_imported):
+    _bad(["train", "--config", str(tmp_path / "none.yaml")], capsys, "recipe not found", "trl-appo recipes")
+    _bad(["train"], capsys, "--config")
+    _bad(["train", "--config", str(DEMO), "--max_stepz", "3"], capsys, "--max_stepz")
+    _bad(["train", "--config", str(DEMO), "--tools", "calculator"], capsys, "calculator", "python")
+
+
+def test_eval_empty_jsonl(tmp_path, capsys, _scripts_imported):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    _bad(["eval", "--model", "tiny", "--dataset", str(empty)], capsys, "is empty", "prompt")
+    empty.write_text("\n\n")
+    _bad(["eval", "--model", "tiny", "--dataset", str(empty)], capsys, "is empty")
+
+
+def test_inspect_refuses_jsonl_without_branch_trees(tmp_path, capsys):
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"prompt": "hi", "ground_truth": "1"}) + "\n" + json.dumps([1, 2]) + "\n")
+    _bad(["inspect", str(other)], capsys, "no branch-tree records", "tokens, model_mask, bs, branches",
+         "log_branch_trees=True")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    _bad(["inspect", str(empty)], capsys, "no branch-tree records")
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_text("{not json\n")
+    _bad(["inspect", str(garbage)], capsys, "not JSON lines")
+
+
+def test_unknown_arguments_are_one_line(capsys):
+    _bad(["inspect", "x", "--frob"], capsys, "--frob")
+    _bad(["eval", "--model", "m"], capsys, "--dataset")
+
+
+# ------------------------------------------------------------------------------------------------ outside the checkout
+
+
+def test_train_finds_shipped_recipe_from_any_directory(tmp_path, monkeypatch, capsys, _scripts_imported):
+    monkeypatch.chdir(tmp_path)  # no recipes/ here: the shipped copy inside the package is used
+    for name in ("recipes/cpu/demo.yaml", "cpu/demo.yaml", "cpu/demo"):
+        # Reaches APPOConfig (the flag error), so the recipe itself was found and read.
+        _bad(["train", "--config", name, "--num_roots", "3"], capsys, "invalid settings")
+
+
+def test_recipes_command_lists_and_copies(tmp_path, capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu/demo.yaml" in out and "qwen2.5-7b-instruct/qlora.yaml" in out and "accelerate/fsdp2.yaml" in out
+    assert main(["recipes", "--copy", str(tmp_path / "mine")]) == 0
+    assert (tmp_path / "mine" / "cpu" / "demo.yaml").read_text() == DEMO.read_text()
+    assert (tmp_path / "mine" / "accelerate" / "single_gpu.yaml").exists()
+
+
+def _installed_command() -> str:
+    found = Path(sys.executable).parent / "trl-appo"
+    return str(found) if found.exists() else shutil.which("trl-appo")
+
+
+@pytest.mark.skipif(_installed_command() is None, reason="trl-appo is not installed")
+def test_installed_command_uses_shipped_recipes_outside_checkout(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ""}  # the installed package, not this checkout on sys.path
+    listed = subprocess.run([_installed_command(), "recipes"], cwd=tmp_path, capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert listed.returncode == 0 and "cpu/demo.yaml" in listed.stdout, listed.stderr
+    # The recipe is found and parsed up to APPOConfig's budget check; exit 2 with one line on stderr.
+    proc = subprocess.run([_installed_command(), "train", "--config", "cpu/demo.yaml", "--num_roots", "3"],
+                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == EXIT_BAD_INPUT, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("trl-appo train: error: invalid settings"), proc.stderr

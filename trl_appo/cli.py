@@ -1,21 +1,23 @@
-"""The `trl-appo` command: `train`, `eval`, `inspect`, `demo`.
+"""The `trl-appo` command: `train`, `eval`, `inspect`, `demo`, `recipes`.
 
-    trl-appo demo [--quick] [--part a|b|all]             # offline CPU demo (see trl_appo.demo)
-    trl-appo train --config recipes/cpu/demo.yaml [--field value ...]
+    trl-appo train --config cpu/demo.yaml [--field value ...]          # a path or a shipped recipe name
     trl-appo eval --model PATH --dataset PATH [--k 4 --n 8 --protocol tags --tools python,search]
     trl-appo inspect OUTPUT_DIR [--step S] [--html out.html] [--png out.png]
+    trl-appo demo [--quick] [--part a|b|all]                           # offline CPU demo (see trl_appo.demo)
+    trl-appo recipes [--copy DIR]                                      # list / copy the shipped recipe YAMLs
 
-`train` delegates to `recipes/train_appo.py` (TRL's parser over APPOScriptArguments, APPOConfig and ModelConfig)
-when that script is found (repository checkout); otherwise it runs a minimal YAML -> APPOConfig path.
-Heavy imports (torch, TRL) happen inside the subcommands, so `--help` is instant.
+`train` runs `trl_appo.scripts` (the wiring `recipes/train_appo.py` also uses: TRL's parser over
+APPOScriptArguments, APPOConfig and ModelConfig) in this process; the recipes ship inside the package
+(`trl_appo.recipes`), so the installed command works from any directory.
+Flags are TRL's style, with underscores (`--max_steps`, `--max_completion_length`); the dashed spellings of the
+older eval/demo flags still work. Heavy imports (torch, TRL) happen inside the subcommands, so `--help` is instant.
 
-Exit codes: 0 success, 2 bad input (missing file, missing dataset columns, bad option), 1 anything else.
+Exit codes: 0 success, 2 bad input (one line on stderr naming the fix), 1 anything else.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -28,27 +30,66 @@ class BadInput(Exception):
     """User error: reported as one line on stderr with exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse errors as one line (`BadInput`) instead of usage + message."""
+
+    def error(self, message):
+        raise BadInput(f"{message} (see `{self.prog} --help`)")
+
+
 # ------------------------------------------------------------------------------------------------ parser
+
+TRAIN_COMMON_FIELDS = """common fields (YAML key or --flag; every one: `trl-appo train --help_all`):
+  --model_name_or_path  a hub id, a local path, or `tiny` (offline 30k-parameter model)
+  --dataset_name        task:tiny_arith | task:tool | an ARPO parquet/folder | a .jsonl/.json/.parquet/.csv file
+  --reward_funcs        format_f1 format_answer_type answer_type f1 exact_match math_equivalence (or pkg.module.fn)
+  --tools               python search
+  --output_dir --max_steps --learning_rate --per_device_train_batch_size --gradient_accumulation_steps
+  --num_generations --num_roots --num_branches --branch_criterion --branch_schedule --tool_protocol
+  --report_to --project (trackio project; the GPU recipes log to trackio, `pip install 'trl-appo[track]'`)
+
+shipped recipes (`trl-appo recipes` lists them, `--copy DIR` copies them): cpu/demo.yaml,
+qwen2.5-7b-instruct/{lora,qlora,multi_gpu_vllm_server}.yaml, qwen3-8b/qlora.yaml, llama-3.1-8b-instruct/qlora.yaml
+"""
+
+
+def _alias(*names: str) -> list[str]:
+    """`--max_completion_length` plus its old dashed spelling `--max-completion-length`."""
+    out = []
+    for name in names:
+        out.append(name)
+        dashed = "--" + name[2:].replace("_", "-")
+        if dashed != name:
+            out.append(dashed)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="trl-appo",
         description="APPO (Agentic Procedural Policy Optimization) for TRL: train, evaluate, inspect branch points.",
+        allow_abbrev=False,
     )
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,inspect,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,inspect,demo,recipes}", parser_class=_Parser)
     sub.required = True
 
     p = sub.add_parser(
         "train",
         help="Train with APPO from a recipe YAML and/or flags.",
-        description="Train with APPO. Every YAML key / --flag is a field of APPOScriptArguments (data, rewards, "
-        "tools), APPOConfig (training + APPO) or trl.ModelConfig (model, PEFT). Example: trl-appo train --config "
-        "recipes/cpu/demo.yaml --max_steps 20. Flags after the known ones are passed through to the recipe parser.",
+        description="Train with APPO. Every YAML key / --flag is a field of APPOScriptArguments (data, rewards,\n"
+        "tools), APPOConfig (training + APPO) or trl.ModelConfig (model, PEFT); flags override the YAML.\n"
+        "Example: trl-appo train --config cpu/demo.yaml --max_steps 20",
+        usage="trl-appo train --config RECIPE [--field value ...]",
+        epilog=TRAIN_COMMON_FIELDS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         add_help=False,
+        allow_abbrev=False,
     )
-    p.add_argument("-h", "--help", action="store_true", help="Show this help (and the recipe fields) and exit.")
-    p.add_argument("--config", help="Recipe YAML (e.g. recipes/cpu/demo.yaml).")
+    p.add_argument("--config", metavar="RECIPE",
+                   help="Recipe YAML: a path, or a shipped name such as cpu/demo.yaml (see `trl-appo recipes`).")
+    p.add_argument("-h", "--help", action="store_true", help="Show this help and exit.")
+    p.add_argument("--help_all", "--help-all", action="store_true",
+                   help="List every field with its help text (imports TRL, a few seconds) and exit.")
 
     p = sub.add_parser(
         "eval",
@@ -56,8 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Roll out every prompt N times through the rollout engine (with tools) and report Pass@1 / "
         "Pass@K per data source. The dataset needs a `prompt` column (plain text or chat messages) and a gold "
         "column (`ground_truth`, `reward_model` or `solution`).",
+        allow_abbrev=False,
     )
-    p.add_argument("--model", required=True, help="A local model directory (save_pretrained output), or `smollm2`.")
+    p.add_argument("--model", required=True, help="A local model directory (save_pretrained output), `tiny` or "
+                   "`smollm2`.")
     p.add_argument("--dataset", required=True, help="A .jsonl/.json/.parquet/.csv file, or task:tiny_arith / task:tool.")
     p.add_argument("--split", default=None, help="Split of a DatasetDict source (default: heldout/test/validation).")
     p.add_argument("--k", type=int, default=4, help="K of Pass@K (Pass@1 is always reported). Default 4.")
@@ -66,15 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=["tags", "chat"], default="tags", help="Tool-call protocol. Default tags.")
     p.add_argument("--tools", default="python", help="Comma-separated tools: python,search (or 'none').")
     p.add_argument("--reward", default="answer_type", help="Score: answer_type (default), format_answer_type, "
-                   "format_f1, exact_match, f1, math_equivalence.")
+                   "format_f1, exact_match, f1, math_equivalence, or pkg.module.fn.")
     p.add_argument("--threshold", type=float, default=1.0, help="A rollout is correct when its score >= this.")
-    p.add_argument("--max-completion-length", type=int, default=512, help="Token budget per rollout. Default 512.")
-    p.add_argument("--max-tool-calls", type=int, default=4, help="Tool calls per rollout. Default 4.")
+    p.add_argument(*_alias("--max_completion_length"), dest="max_completion_length", type=int, default=512,
+                   help="Token budget per rollout. Default 512.")
+    p.add_argument(*_alias("--max_tool_calls"), dest="max_tool_calls", type=int, default=4,
+                   help="Tool calls per rollout. Default 4.")
     p.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (0 = greedy). Default 1.0.")
-    p.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling. Default 1.0.")
-    p.add_argument("--batch-size", type=int, default=8, help="Prompts per generation batch. Default 8.")
+    p.add_argument(*_alias("--top_p"), dest="top_p", type=float, default=1.0, help="Nucleus sampling. Default 1.0.")
+    p.add_argument(*_alias("--batch_size"), dest="batch_size", type=int, default=8,
+                   help="Prompts per generation batch. Default 8.")
     p.add_argument("--seed", type=int, default=0, help="Torch seed. Default 0.")
     p.add_argument("--output", default=None, help="Write the results table as JSON here (default: print only).")
+    p.add_argument("--progress", choices=["auto", "always", "never"], default="auto",
+                   help="Progress bar on stderr (auto: when stderr is a terminal). Default auto.")
 
     p = sub.add_parser(
         "inspect",
@@ -82,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read OUTPUT_DIR/branch_trees/*.jsonl (written with APPOConfig(log_branch_trees=True)) and print "
         "one root rollout with its branch points marked ⟨BPk⟩ (k = rank by Branching Score); tool output is dimmed. "
         "Optionally render it as HTML / PNG (trl_appo.viz).",
+        allow_abbrev=False,
     )
     p.add_argument("output_dir", help="A training output_dir, its branch_trees folder, or one step_*.jsonl file.")
     p.add_argument("--step", type=int, default=None, help="Optimizer step to show (default: the last one logged).")
@@ -98,227 +147,131 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     p.add_argument("-h", "--help", action="store_true", help="Show the demo's options and exit.")
+
+    p = sub.add_parser(
+        "recipes",
+        help="List the shipped recipe YAMLs, or copy them into a folder.",
+        description="The recipes ship inside the package (trl_appo/recipes): `trl-appo train --config NAME` finds "
+        "them from any directory; --copy writes editable copies (training and accelerate YAMLs).",
+        allow_abbrev=False,
+    )
+    p.add_argument("--copy", metavar="DIR", default=None, help="Copy every recipe into DIR/<setting>/<variant>.yaml.")
+    p.add_argument("--overwrite", action="store_true", help="With --copy: replace files that exist.")
+    p.add_argument("--path", action="store_true", help="Print the folder holding the shipped recipes and exit.")
     return parser
 
 
 # ------------------------------------------------------------------------------------------------ train
 
 
-def _find_recipe_script() -> Path | None:
-    candidates = [Path.cwd() / "recipes" / "train_appo.py", Path(__file__).resolve().parents[1] / "recipes" / "train_appo.py"]
-    return next((c for c in candidates if c.exists()), None)
+def _scripts():
+    import logging
 
+    # bitsandbytes logs a kernels-hub warning on every CPU import; noise for a one-line CLI error.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    from trl_appo import scripts
 
-def _load_recipe_module(path: Path):
-    spec = importlib.util.spec_from_file_location("trl_appo_recipe_train_appo", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return scripts
 
 
 def cmd_train(args, rest: list[str]) -> int:
-    argv = (["--config", args.config] if args.config else []) + rest
-    script = _find_recipe_script()
     if args.help:
-        if script is not None:
-            print("usage: trl-appo train [--config RECIPE.yaml] [--field value ...]\n")
-            _load_recipe_module(script).make_parser().print_help()
-        else:
-            build_parser()._subparsers._group_actions[0].choices["train"].print_help()  # noqa: SLF001
-            print("\nMinimal mode (recipes/train_appo.py not found): YAML keys = APPOConfig fields plus "
-                  "model_name_or_path, dataset_name, reward_funcs, tools.")
+        build_parser()._subparsers._group_actions[0].choices["train"].print_help()  # noqa: SLF001
         return 0
-    if args.config and not Path(args.config).exists():
-        raise BadInput(f"recipe not found: {args.config}")
-    if script is not None:
-        module = _load_recipe_module(script)
-        if hasattr(module, "main"):
-            module.main(argv)
-            return 0
-        parsed = module.parse_args(argv)
-        recipe = module.build_from_args(*parsed)
-        trainer = recipe.trainer()
-        trainer.train()
-        trainer.save_model(recipe.args.output_dir)
+    if args.help_all:
+        print("usage: trl-appo train --config RECIPE [--field value ...]\n")
+        _scripts().make_parser().print_help()
         return 0
-    return _train_minimal(args.config, rest)
-
-
-def _train_minimal(config_path: str | None, rest: list[str]) -> int:
-    """YAML (+ `--field value` overrides) -> APPOConfig, for installs without the recipes/ folder."""
-    import yaml
-
-    cfg = dict(yaml.safe_load(Path(config_path).read_text()) or {}) if config_path else {}
-    it = iter(rest)
-    for token in it:
-        if not token.startswith("--"):
-            raise BadInput(f"unexpected argument {token!r}; overrides are --field value")
-        key, _, value = token[2:].partition("=")
-        if not value:
-            value = next(it, None)
-            if value is None:
-                raise BadInput(f"--{key} needs a value")
-        cfg[key.replace("-", "_")] = yaml.safe_load(value)
-    model_name = cfg.pop("model_name_or_path", None)
-    dataset_name = cfg.pop("dataset_name", "task:tiny_arith")
-    reward_names = cfg.pop("reward_funcs", ["format_answer_type"])
-    tool_names = cfg.pop("tools", ["python"])
-    if not model_name:
-        raise BadInput("the recipe needs model_name_or_path (a local model directory, or `tiny`)")
-    from trl_appo.config import APPOConfig
-    from trl_appo.trainer import APPOTrainer
-
-    cfg.setdefault("output_dir", "appo-output")
-    cfg.setdefault("tool_protocol", "tags")
+    if not args.config and not rest:
+        raise BadInput("nothing to train: pass --config RECIPE (e.g. cpu/demo.yaml; `trl-appo recipes` lists them)")
+    argv = (["--config", args.config] if args.config else []) + rest
+    scripts = _scripts()
     try:
-        training_args = APPOConfig(**cfg)
-    except TypeError as e:
-        raise BadInput(f"unknown recipe key: {e}") from e
-    train = _load_dataset(dataset_name, None, split_hint="train")
-    model, tokenizer = _load_model(model_name)
-    trainer = APPOTrainer(model=model, processing_class=tokenizer, args=training_args, train_dataset=train,
-                          reward_funcs=[_reward(r) for r in (reward_names if isinstance(reward_names, list) else [reward_names])],
-                          tools=_tools(tool_names if isinstance(tool_names, list) else str(tool_names).split(",")))
-    trainer.train()
-    trainer.save_model(training_args.output_dir)
+        scripts.train(argv)
+    except scripts.RecipeError as e:
+        raise BadInput(str(e)) from e
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+
+
+def cmd_recipes(args) -> int:
+    from trl_appo import recipes
+
+    if args.path:
+        print(recipes.recipes_dir())
+        return 0
+    if args.copy:
+        written = recipes.copy_recipes(args.copy, overwrite=args.overwrite)
+        kept = len(recipes.list_recipes(include_accelerate=True)) - len(written)
+        print(f"copied {len(written)} recipe files to {args.copy}" + (f" ({kept} existing kept; --overwrite "
+              "replaces them)" if kept else ""))
+        print(f"train with: trl-appo train --config {Path(args.copy) / 'cpu' / 'demo.yaml'}")
+        return 0
+    root = recipes.recipes_dir()
+    for name in recipes.list_recipes(include_accelerate=True):
+        first = next((line[2:].strip() for line in (root / name).read_text().splitlines() if line.startswith("# ")), "")
+        print(f"{name:48s} {first[:100]}")
+    print(f"\n(in {root}; `trl-appo train --config cpu/demo.yaml`, or `trl-appo recipes --copy DIR` to edit them)")
     return 0
 
 
 # ------------------------------------------------------------------------------------------------ eval
 
 
-def _reward(name: str):
-    from trl_appo import rewards
+def _with_progress(engine, total_prompts: int, enabled: bool):
+    """Wrap `engine.run` so each evaluation batch advances a tqdm bar (prompts done / total)."""
+    from tqdm.auto import tqdm
 
-    short = {"answer_type": "answer_type_reward", "format_answer_type": "format_answer_type_reward",
-             "format_f1": "format_f1_reward", "exact_match": "exact_match_reward", "f1": "f1_reward",
-             "math_equivalence": "math_equivalence_reward"}
-    fn = getattr(rewards, short.get(name, name), None)
-    if fn is None:
-        raise BadInput(f"unknown reward {name!r}; choose one of {sorted(short)}")
-    return fn
+    bar = tqdm(total=total_prompts, desc="eval", unit="prompt", disable=not enabled, file=sys.stderr)
+    run = engine.run
 
+    def run_with_progress(prompt_ids, *a, group_size=1, **kw):
+        out = run(prompt_ids, *a, group_size=group_size, **kw)
+        bar.update(len(prompt_ids) // max(1, group_size))
+        return out
 
-def _tools(names) -> list:
-    names = [n.strip() for n in names if n and n.strip() and n.strip() != "none"]
-    out = []
-    for name in names:
-        if name == "python":
-            from trl_appo.tools import PythonTool
-
-            out.append(PythonTool())
-        elif name == "search":
-            from trl_appo.tools import SearchTool
-
-            out.append(SearchTool())
-        else:
-            raise BadInput(f"unknown tool {name!r}; choose from python, search")
-    return out
-
-
-def _load_model(name: str):
-    if name == "smollm2":
-        from trl_appo.models import ModelNotAvailableError, load_smollm2
-
-        try:
-            return load_smollm2()
-        except ModelNotAvailableError as e:
-            raise BadInput(str(e)) from e
-    if name == "tiny":
-        from trl_appo.testing import build_tiny_model, build_tiny_tokenizer
-
-        tok = build_tiny_tokenizer()
-        return build_tiny_model(tok), tok
-    path = Path(name)
-    if not path.exists():
-        raise BadInput(f"model not found: {name} (pass a local directory written by save_pretrained, or smollm2)")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    try:
-        # Keeps a hand-made tokenizer's pipeline as saved (AutoTokenizer may rebuild it for qwen2 configs).
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-    except Exception:  # noqa: BLE001 - fall back to the auto class (sentencepiece etc.)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-GOLD_COLUMNS = ("ground_truth", "reward_model", "solution")
-
-
-def _load_dataset(name: str, split: str | None, split_hint: str = "heldout"):
-    if name.startswith("task:"):
-        from trl_appo import tasks
-
-        kind = name.split(":", 1)[1]
-        if kind == "tiny_arith":
-            dd = tasks.make_tiny_tasks(64, 64)
-        elif kind == "tool":
-            dd = tasks.make_tool_tasks(64, 64)
-        else:
-            raise BadInput(f"unknown task {name!r}; use task:tiny_arith or task:tool")
-        return dd[split or split_hint]
-    path = Path(name)
-    if not path.exists():
-        raise BadInput(f"dataset not found: {name}")
-    import datasets as hf_datasets
-
-    if path.is_dir():
-        ds = hf_datasets.load_from_disk(str(path))
-    else:
-        fmt = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
-        if fmt is None:
-            raise BadInput(f"unsupported dataset file {path.name}: use .jsonl, .json, .parquet or .csv")
-        ds = hf_datasets.load_dataset(fmt, data_files=str(path), split="train")
-    if isinstance(ds, hf_datasets.DatasetDict):
-        key = split or next((s for s in ("heldout", "test", "validation", "train") if s in ds), None)
-        if key not in ds:
-            raise BadInput(f"split {split!r} not in {list(ds)}")
-        ds = ds[key]
-    return ds
-
-
-def _check_columns(ds) -> None:
-    cols = list(ds.column_names)
-    missing = []
-    if "prompt" not in cols:
-        missing.append("prompt")
-    if not any(c in cols for c in GOLD_COLUMNS):
-        missing.append("one of " + "/".join(GOLD_COLUMNS))
-    if missing:
-        raise BadInput(f"dataset is missing column(s): {', '.join(missing)} (it has: {', '.join(cols)})")
+    engine.run = run_with_progress
+    return bar
 
 
 def cmd_eval(args) -> int:
     if args.n < 1 or args.k < 1 or args.k > args.n:
         raise BadInput(f"need 1 <= --k <= --n (got k={args.k}, n={args.n})")
-    ds = _load_dataset(args.dataset, args.split)
-    _check_columns(ds)
-    if args.limit:
-        ds = ds.select(range(min(args.limit, len(ds))))
-    score_fn = _reward(args.reward)
-    tools = _tools(args.tools.split(","))
+    scripts = _scripts()
+    try:
+        ds = scripts.load_eval_dataset(args.dataset, args.split)
+        if args.limit:
+            ds = ds.select(range(min(args.limit, len(ds))))
+        score_fn = scripts.reward_by_name(args.reward)
+        tools = scripts.make_tools(args.tools.split(","))
+        model, tokenizer = scripts.load_pretrained(args.model, seed=args.seed)
+    except scripts.RecipeError as e:
+        raise BadInput(str(e)) from e
     import torch
 
     from trl_appo.evaluation import evaluate, make_hf_generate_fn
-    from trl_appo.rollout import ChatTemplateProtocol, TagProtocol
+    from trl_appo.rollout import ChatTemplateProtocol, RolloutEngine, TagProtocol
 
     torch.manual_seed(args.seed)
-    model, tokenizer = _load_model(args.model)
     protocol = TagProtocol(tokenizer) if args.protocol == "tags" else ChatTemplateProtocol(tokenizer)
-    result = evaluate(
-        ds,
-        generate_fn=make_hf_generate_fn(model, tokenizer, temperature=args.temperature, top_p=args.top_p),
-        tokenizer=tokenizer, protocol=protocol, tools=tools, n=args.n, ks=(1, args.k), score_fn=score_fn,
-        threshold=args.threshold, batch_size=args.batch_size, max_completion_length=args.max_completion_length,
-        max_tool_calls=args.max_tool_calls, temperature=args.temperature, top_p=args.top_p, model_name=args.model,
-        extra_settings={"protocol": args.protocol, "tools": args.tools, "dataset": args.dataset},
+    engine = RolloutEngine(
+        make_hf_generate_fn(model, tokenizer, temperature=args.temperature, top_p=args.top_p), tokenizer, protocol,
+        tools, max_completion_length=args.max_completion_length, max_tool_calls=args.max_tool_calls,
     )
+    show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
+    bar = _with_progress(engine, len(ds), show)
+    try:
+        result = evaluate(
+            ds, engine, n=args.n, ks=(1, args.k), score_fn=score_fn, threshold=args.threshold,
+            batch_size=args.batch_size, max_completion_length=args.max_completion_length,
+            max_tool_calls=args.max_tool_calls, temperature=args.temperature, top_p=args.top_p,
+            model_name=args.model, extra_settings={"protocol": args.protocol, "tools": args.tools,
+                                                   "dataset": args.dataset},
+        )
+    finally:
+        bar.close()
     print(result.table())
     if args.output:
         path = result.save_json(args.output)
@@ -336,6 +289,16 @@ def cmd_inspect(args) -> int:
         records = viz.load_branch_trees(args.output_dir)
     except FileNotFoundError as e:
         raise BadInput(str(e)) from e
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{args.output_dir} is not JSON lines ({e}); pass the output_dir of a run with "
+                       "log_branch_trees=True") from e
+    except (TypeError, AttributeError):  # a line that is JSON but not an object (viz indexes it as a dict)
+        records = []
+    required = getattr(viz, "_REQUIRED_KEYS", ("tokens", "model_mask", "bs", "branches"))
+    records = [r for r in records if isinstance(r, dict) and all(k in r for k in required)]
+    if not records:
+        raise BadInput(f"no branch-tree records in {args.output_dir} (JSON lines with {', '.join(required)}); pass "
+                       "the output_dir of a run trained with APPOConfig(log_branch_trees=True)")
     steps = sorted({r.get("step", 0) for r in records})
     step = args.step if args.step is not None else steps[-1]
     chosen = [r for r in records if r.get("step", 0) == step]
@@ -364,31 +327,44 @@ def cmd_inspect(args) -> int:
 # ------------------------------------------------------------------------------------------------ main
 
 
+def _underscore_to_dash(argv: list[str]) -> list[str]:
+    """`--output_dir X` -> `--output-dir X` for the demo's dashed flags (one flag style across subcommands)."""
+    out = []
+    for token in argv:
+        if token.startswith("--") and "_" in token:
+            flag, eq, value = token.partition("=")
+            token = flag.replace("_", "-") + eq + value
+        out.append(token)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `trl-appo`; returns the exit code (also when called from tests)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    command = "trl-appo"
     try:
-        args, rest = parser.parse_known_args(argv)
-    except SystemExit as e:  # --help at top level, or an argparse error (code 2)
-        return int(e.code or 0)
-    try:
+        try:
+            args, rest = parser.parse_known_args(argv)
+        except SystemExit as e:  # --help at top level or of eval/inspect/recipes
+            return int(e.code or 0)
+        command = f"trl-appo {args.command}"
         if args.command == "demo":
             from trl_appo import demo
 
-            return demo.main((["--help"] if args.help else []) + rest)
+            return demo.main((["--help"] if args.help else []) + _underscore_to_dash(rest))
         if args.command == "train":
             return cmd_train(args, rest)
         if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return {"eval": cmd_eval, "inspect": cmd_inspect}[args.command](args)
+            raise BadInput(f"unrecognized arguments: {' '.join(rest)} (see `{command} --help`)")
+        return {"eval": cmd_eval, "inspect": cmd_inspect, "recipes": cmd_recipes}[args.command](args)
     except SystemExit as e:
-        return int(e.code or 0)
+        return int(e.code or 0) if isinstance(e.code, int) or e.code is None else EXIT_BAD_INPUT
     except BadInput as e:
-        print(f"trl-appo {args.command}: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except json.JSONDecodeError as e:
-        print(f"trl-appo {args.command}: error: bad JSON input: {e}", file=sys.stderr)
+        print(f"{command}: error: bad JSON input: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

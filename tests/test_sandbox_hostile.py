@@ -156,6 +156,7 @@ def run(key, code, tool=py):
     r = tool.run(code)
     res[key] = {"text": r.text, "failed": r.failed, "memory": r.memory_exceeded, "timed_out": r.timed_out}
 res["isolation"] = py.isolation
+res["seccomp"] = py.seccomp_program is not None
 home, project = W["home"], W["project"]
 run("read_token", f"print(open({home + '/.cache/huggingface/token'!r}).read())")
 run("read_netrc", f"print(open({home + '/.netrc'!r}).read())")
@@ -172,6 +173,10 @@ run("environ", f"import os\nfor p in (os.getppid(), 1, {TRAINER}):\n    try:\n"
     "print(dict(os.environ))")
 run("ptrace", f"import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
     f"print('ptrace', libc.ptrace(16, {TRAINER}, 0, 0), ctypes.get_errno())")
+# Nested namespaces (a place to remount things) and tracing even inside the call are refused by seccomp.
+run("nested", "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+    "print('unshare', libc.unshare(0x10000000), 'traceme', libc.ptrace(0, 0, 0, 0))\n"
+    "pid = os.fork()\nif pid == 0:\n    os._exit(0)\nos.waitpid(pid, 0)\nprint('fork ok')")
 run("unix_socket", f"import socket\nfor addr in ({W['sock']!r}, '\\0' + {W['abstract']!r}):\n"
     "    s = socket.socket(socket.AF_UNIX)\n    try:\n        s.connect(addr)\n        print('connected', repr(addr))\n"
     "    except OSError as e:\n        print(type(e).__name__)")
@@ -294,6 +299,13 @@ def test_the_trainer_cannot_be_signalled_or_traced(probes):
     assert "ProcessLookupError" in r["signal_trainer"]["text"]
     ptrace = r["ptrace"]["text"].split()
     assert ptrace[:2] == ["ptrace", "-1"], r["ptrace"]
+
+
+def test_nested_namespaces_and_tracing_are_refused_but_fork_works(probes):
+    _, _, r, _, _ = probes
+    if not r["seccomp"]:
+        pytest.skip("the seccomp filter is x86_64 only")
+    assert r["nested"]["text"].splitlines() == ["unshare -1 traceme -1", "fork ok"], r["nested"]
 
 
 def test_no_environment_of_the_host_is_visible(probes):

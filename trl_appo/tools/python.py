@@ -34,8 +34,12 @@ Isolation levels (`PythonTool(isolation=...)`; `PythonTool().isolation` reports 
   - the interpreter starts with ``-I -S``: its site-packages are on ``sys.path`` but their ``.pth`` files are
     not run (they cost ~30 ms per call; editable installs of project code would not be visible anyway).
   - ``isolate_network=False`` shares the host's network namespace (and so its abstract unix sockets).
-  - not done: no seccomp filter or Landlock ruleset on top (bubblewrap's namespaces are the boundary); the
-    code can ptrace or signal the other processes *of its own call* (nothing else is visible).
+  - a seccomp filter (x86_64; `_seccomp_program`): ptrace and process_vm_*, unshare/setns/mount and clone
+    with namespace flags (no nested namespaces), keyrings, bpf, perf, userfaultfd, io_uring, module/kexec
+    loading, file handles, clock setting, reboot, syslog fail with EPERM; clone3 with ENOSYS (libc falls back
+    to clone). As root it is installed by the bootstrap after its own unshare, otherwise by bwrap.
+  - not done: no Landlock ruleset on top. The code can signal the other processes *of its own call* (nothing
+    else is visible).
   The trainer can log the achieved level once at start with `describe_isolation(tools)`.
 * ``"none"`` (opt-in only, or ``APPO_PYTHON_ISOLATION=none``) — the weaker legacy sandbox: a bootstrap
   child with rlimits; as root a drop to ``user``, and new network and PID namespaces; not root, a network
@@ -180,6 +184,12 @@ if cfg["mode"] != "bubblewrap" and root and cfg["uid"] is not None:
     _drop(cfg["uid"], cfg["gid"])
 if need_libc:  # (bwrap sets it for its sandbox)
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+if cfg.get("seccomp"):  # as root, installed here, after the bootstrap's own unshare (else bwrap --seccomp does it)
+    class _Fprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+    _prog = ctypes.create_string_buffer(cfg["seccomp"], len(cfg["seccomp"]))
+    if libc.prctl(22, 2, ctypes.byref(_Fprog(len(cfg["seccomp"]) // 8, ctypes.addressof(_prog))), 0, 0) != 0:
+        _fail("seccomp")  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
 if pid1:
     libc.prctl(PR_SET_PDEATHSIG, _signal.SIGKILL, 0, 0, 0)  # set after setuid, which clears it
 if cfg["mode"] != "bubblewrap" and net == "guard":
@@ -280,6 +290,7 @@ class PythonTool(Tool):
         tmpfs_mb: size cap of each private tmpfs (working directory, /tmp, /dev/shm) in MiB.
         memory_poll_s: how often the summed memory of a call is checked.
         bwrap: path of the bubblewrap binary (default: `bwrap` on PATH).
+        seccomp: add the seccomp filter of `_seccomp_program` (x86_64 only) under bubblewrap.
     """
 
     def __init__(
@@ -303,6 +314,7 @@ class PythonTool(Tool):
         tmpfs_mb: int = 64,
         memory_poll_s: float = 0.02,
         bwrap: str | None = None,
+        seccomp: bool = True,
     ):
         # The registry's own timeout is a backstop only: the sandbox kills its process tree first.
         super().__init__(self.python, name=name, timeout=timeout + 10.0, max_output_chars=max_output_chars + 256)
@@ -325,6 +337,7 @@ class PythonTool(Tool):
         self.workdir_root = workdir_root
         self.tmpfs_bytes = int(tmpfs_mb) << 20
         self.memory_poll_s = memory_poll_s
+        self.seccomp_program = _seccomp_program() if seccomp else None
         self._sessions: dict[Any, list[str]] = {}
         self._lock = threading.Lock()
         requested = (isolation or os.environ.get("APPO_PYTHON_ISOLATION") or "auto").strip().lower()
@@ -375,7 +388,8 @@ class PythonTool(Tool):
         """One line for the trainer's log: the level and what it guarantees."""
         if self._isolation == "bubblewrap":
             who = f"uid {self.uid} in a user namespace" if self.uid is not None else "this uid in a user namespace"
-            return (f"{self.name}: isolation=bubblewrap ({who}; private fs, PID, network, IPC namespaces; "
+            filt = "seccomp filter; " if self.seccomp_program else ""
+            return (f"{self.name}: isolation=bubblewrap ({who}; private fs, PID, network, IPC namespaces; {filt}"
                     f"per-call limits: {self.limits['RLIMIT_NPROC']} processes, {self.memory_limit >> 20} MiB, "
                     f"{self.wall_timeout:g} s)")
         return (f"{self.name}: isolation=none (WEAK: rlimits only{', uid drop and net/PID namespaces' if self.is_root else ''};"
@@ -441,6 +455,8 @@ class PythonTool(Tool):
                 "--remount-ro", "/", "--chdir", SANDBOX_ROOT]
         for key, value in self._env(SANDBOX_ROOT, "/tmp").items():
             cmd += ["--setenv", key, value]
+        if self.seccomp_program and not self.is_root:
+            cmd += ["--seccomp", _SECCOMP_FD]  # the fd is a pipe holding the program (`_seccomp_pipe`)
         return [*cmd, "--", self.python_executable, "-I", "-S", "-u", "-c", _BOOTSTRAP]
 
     def _env(self, home: str, tmp: str) -> dict[str, str]:
@@ -464,11 +480,15 @@ class PythonTool(Tool):
         return _probe_cached(tuple(self._command), marshal.dumps(self._config(["print(6 * 7)"])),
                              self.uid is not None)
 
+    def _mode(self) -> str:
+        return self._isolation if hasattr(self, "_isolation") else "bubblewrap"
+
     def _config(self, cells: list[str]) -> dict[str, Any]:
-        return {"mode": self._isolation if hasattr(self, "_isolation") else "bubblewrap", "limits": self.limits,
+        return {"mode": self._mode(), "limits": self.limits,
                 "uid": self.uid, "gid": self.gid, "cells": cells, "isolate_network": self.isolate_network,
                 "paths": self.extra_paths, "site": getattr(self, "site_paths", []),
-                "prefix": getattr(self, "prefixes", None)}
+                "prefix": getattr(self, "prefixes", None),
+                "seccomp": self.seccomp_program if self.is_root and self._mode() == "bubblewrap" else None}
 
     def run(self, code: str, history: list[str] | None = None) -> SandboxResult:
         """Execute `code` (after silently replaying `history`) in a fresh sandboxed process."""
@@ -486,14 +506,23 @@ class PythonTool(Tool):
                 os.chown(workdir, self.uid, self.gid)
             popen = {"args": [self.python_executable, "-I", "-u", "-c", _BOOTSTRAP], "cwd": workdir,
                      "env": self._env(workdir, workdir)}
+        fds: tuple[int, ...] = ()
+        if self._isolation == "bubblewrap" and self.seccomp_program and not self.is_root:
+            fds = (_seccomp_pipe(self.seccomp_program),)
+            popen["args"] = _with_fd(popen["args"], fds[0])
         try:
-            proc = subprocess.Popen(
-                **popen,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # own process group: a timeout kills the whole tree
-            )
+            try:
+                proc = subprocess.Popen(
+                    **popen,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # own process group: a timeout kills the whole tree
+                    pass_fds=fds,
+                )
+            finally:
+                for fd in fds:
+                    os.close(fd)
             try:
                 _feed(proc, config)
                 kept, total, timed_out, flooded, memory = self._read_output(proc, start + self.wall_timeout)
@@ -628,15 +657,98 @@ def _kill_tree(bwrap_pid: int) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _probe_cached(command: tuple[str, ...], config: bytes, drops: bool) -> str:
+    fds = (_seccomp_pipe(_seccomp_program()),) if "--seccomp" in command else ()
     try:
-        out = subprocess.run(list(command), input=config, capture_output=True, timeout=60,
-                             cwd="/", env={"PATH": "/usr/bin:/bin"})
+        out = subprocess.run(_with_fd(list(command), fds[0]) if fds else list(command), input=config, capture_output=True, timeout=60,
+                             cwd="/", env={"PATH": "/usr/bin:/bin"}, pass_fds=fds)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"bubblewrap did not run ({exc})"
+    finally:
+        for fd in fds:
+            os.close(fd)
     if out.returncode == 0 and out.stdout.strip() == b"42":
         return ""
     msg = (out.stdout + out.stderr).decode(errors="replace").strip().splitlines()
     return f"a test call in bubblewrap failed ({msg[-1] if msg else f'exit status {out.returncode}'})"
+
+
+# -- seccomp ------------------------------------------------------------------------------------------------
+
+_SECCOMP_FD = "SECCOMP_FD"
+"""Placeholder in the cached bwrap command, replaced per call by the fd of a pipe holding the program."""
+
+# x86_64 syscall numbers (asm/unistd_64.h) refused with EPERM: tracing and other processes' memory, kernel
+# keyrings, eBPF, perf, userfaultfd, io_uring, namespaces and mounts (no nested sandboxes to hide in), module
+# and kexec loading, handles to host files, clocks, swap, reboot, syslog.
+_SECCOMP_DENY_X86_64 = (
+    101, 310, 311,  # ptrace, process_vm_readv, process_vm_writev
+    248, 249, 250,  # add_key, request_key, keyctl
+    321, 298, 323,  # bpf, perf_event_open, userfaultfd
+    425, 426, 427,  # io_uring_setup, io_uring_enter, io_uring_register
+    272, 308, 165, 166, 155, 161,  # unshare, setns, mount, umount2, pivot_root, chroot
+    428, 429, 430, 431, 432, 433, 442,  # open_tree, move_mount, fsopen, fsconfig, fsmount, fspick, mount_setattr
+    175, 313, 176, 246, 320,  # init_module, finit_module, delete_module, kexec_load, kexec_file_load
+    303, 304, 212, 180,  # name_to_handle_at, open_by_handle_at, lookup_dcookie, nfsservctl
+    163, 167, 168, 169, 103, 153, 172, 173, 179,  # acct, swapon, swapoff, reboot, syslog, vhangup, iopl, ioperm, quotactl
+    164, 227, 305, 159,  # settimeofday, clock_settime, clock_adjtime, adjtimex
+)
+_CLONE_NAMESPACE_FLAGS = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
+
+
+@functools.lru_cache(maxsize=None)
+def _seccomp_program() -> bytes | None:
+    """A classic-BPF seccomp filter (x86_64; None elsewhere): the syscalls above fail with EPERM, clone with a
+    namespace flag fails with EPERM, clone3 with ENOSYS (its flags cannot be inspected; libc falls back to
+    clone), x32 and foreign-arch syscalls with ENOSYS; everything else is allowed."""
+    import platform
+    import struct
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    allow, eperm, enosys = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
+    deny = list(dict.fromkeys(_SECCOMP_DENY_X86_64))
+    n = len(deny)
+    # layout: 0 arch, 1 check, 2 ret enosys, 3 nr, 4 x32, 5 clone3, 6 clone, 7.. deny list, ret allow,
+    # clone check (load flags, test, ret eperm, ret allow), ret enosys
+    i_allow = 7 + n
+    i_clone = i_allow + 1
+    i_eperm = i_clone + 2
+    i_enosys = i_clone + 4
+    prog = [
+        (ld, 0, 0, 4),  # seccomp_data.arch
+        (jeq, 1, 0, 0xC000003E),  # AUDIT_ARCH_X86_64
+        (ret, 0, 0, enosys),
+        (ld, 0, 0, 0),  # seccomp_data.nr
+        (jge, i_enosys - 4 - 1, 0, 0x40000000),  # the x32 ABI
+        (jeq, i_enosys - 5 - 1, 0, 435),  # clone3
+        (jeq, i_clone - 6 - 1, 0, 56),  # clone
+        *[(jeq, i_eperm - (7 + k) - 1, 0, nr) for k, nr in enumerate(deny)],
+        (ret, 0, 0, allow),
+        (ld, 0, 0, 16),  # clone flags: args[0], low 32 bits
+        (jset, 0, 1, _CLONE_NAMESPACE_FLAGS),
+        (ret, 0, 0, eperm),
+        (ret, 0, 0, allow),
+        (ret, 0, 0, enosys),
+    ]
+    assert prog[i_allow] == (ret, 0, 0, allow) and prog[i_clone] == (ld, 0, 0, 16)
+    assert prog[i_eperm] == (ret, 0, 0, eperm) and prog[i_enosys] == (ret, 0, 0, enosys) == prog[-1]
+    assert max(p[1] for p in prog) < 256  # (the clone check's "ret eperm" doubles as the deny list's target)
+    return b"".join(struct.pack("<HBBI", *p) for p in prog)
+
+
+def _seccomp_pipe(program: bytes) -> int:
+    """A pipe's read end holding `program` (passed with `pass_fds`, which keeps its number in the child)."""
+    r, w = os.pipe()
+    try:
+        os.write(w, program)  # ~0.5 KB: fits the pipe buffer
+    finally:
+        os.close(w)
+    return r
+
+
+def _with_fd(command: list[str], fd: int) -> list[str]:
+    return [str(fd) if arg == _SECCOMP_FD else arg for arg in command]
 
 
 def _readonly_paths(executable: str) -> list[str]:

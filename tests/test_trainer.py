@@ -363,3 +363,30 @@ def test_qlora_trains_4bit_model_with_adapters(tiny_tokenizer, tmp_path):
     names = {type(m).__name__ for m in trainer.model.modules()}
     assert "Linear4bit" in names  # the base weights really are 4-bit
     assert any("appo/branch_points_per_root" in e for e in trainer.state.log_history)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(),  # TRL's defaults: M=8, per_device_train_batch_size=8, GA=1, steps_per_generation unset
+        dict(num_generations=2, per_device_train_batch_size=2),  # too small to branch: GRPO, with a warning
+        dict(num_generations=4, per_device_train_batch_size=4, gradient_accumulation_steps=3),
+        dict(num_generations=4, per_device_train_batch_size=8, gradient_accumulation_steps=2, steps_per_generation=2),
+        dict(num_generations=16, per_device_train_batch_size=8, gradient_accumulation_steps=2),
+        dict(num_generations=16, per_device_train_batch_size=16, generation_batch_size=32),
+        dict(num_generations=8, per_device_train_batch_size=4, gradient_accumulation_steps=4),
+        dict(num_generations=8, per_device_train_batch_size=8, steps_per_generation=3),
+    ],
+    ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "trl-defaults",
+)
+def test_every_grpo_config_shape_trains_one_step(tiny_model, tiny_tokenizer, tmp_path, shape):
+    import warnings as _w
+
+    base = dict(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to="none", save_strategy="no",
+                max_steps=1, max_completion_length=24, min_branch_tokens=4, learning_rate=1e-3, logging_steps=1)
+    with _w.catch_warnings():
+        _w.simplefilter("ignore")
+        args = APPOConfig(**base, **shape)
+    trainer = make_trainer(tiny_model, tiny_tokenizer, args)
+    trainer.train()
+    assert trainer.state.global_step == 1

@@ -10,6 +10,7 @@ names the spec section and the paper's symbol.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -37,8 +38,11 @@ class APPOConfig(GRPOConfig):
 
     # ----- APPO defaults that differ from GRPOConfig (APPO_SPEC §4, §5) -----
     num_generations: int | None = field(
-        default=16,
-        metadata={"help": "APPO budget M: rollouts per prompt, roots plus branches (M = N·(1+B)). Paper: 16."},
+        default=8,
+        metadata={
+            "help": "APPO budget M: rollouts per prompt, roots plus branches (M = N·(1+B)). TRL's default 8; the "
+            "paper uses 16."
+        },
     )
     epsilon_high: float | None = field(
         default=0.28, metadata={"help": "Upper clip ε_high of the surrogate (APPO_SPEC §4: 0.28)."}
@@ -58,7 +62,11 @@ class APPOConfig(GRPOConfig):
     )
     num_branches: int | None = field(
         default=None,
-        metadata={"help": "B, branch points per root (APPO_SPEC §1). Default 3 (0 with branch_criterion='none')."},
+        metadata={
+            "help": "B, branch points per root (paper §3.1). Default: `default_split(M, per_device_train_batch_size)` "
+            "(docs/config.md: the first B in DEFAULT_BRANCH_PREFERENCE that leaves N >= 2 whole roots per "
+            "micro-batch; 0, i.e. no branching, with a warning when none does). 0 with branch_criterion='none'."
+        },
     )
     branch_criterion: str = field(
         default="bs",
@@ -75,12 +83,14 @@ class APPOConfig(GRPOConfig):
             "prompt (public release)."
         },
     )
-    branch_schedule: str = field(
-        default="per_update",
+    branch_schedule: str | None = field(
+        default=None,
         metadata={
-            "help": "When branches are generated (APPO_SPEC §2). 'per_update' (paper): before each optimizer step "
+            "help": "When branches are generated (paper §3.2). 'per_update' (paper): before each optimizer step "
             "with the current weights, so Ω carries the updates so far; needs steps_per_generation > "
-            "gradient_accumulation_steps. 'per_generation' (public release): once, right after the roots."
+            "gradient_accumulation_steps. 'per_generation' (public release): once, right after the roots. Default: "
+            "'per_update' when the batch shape allows it (each prompt's roots in one optimizer step), else "
+            "'per_generation', said once in the log."
         },
     )
     omega_reference: str = field(
@@ -156,8 +166,12 @@ class APPOConfig(GRPOConfig):
     )
 
     # ----- future-aware advantage (APPO_SPEC §4) -----
-    future_kl: bool = field(
-        default=True, metadata={"help": "Apply the future-aware advantage weight at loss time (APPO_SPEC §4)."}
+    future_kl: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Apply the future-aware advantage weight at loss time (paper §3.4). Default: on when branching, "
+            "off with branch_criterion='none', so that setting is exactly GRPO (the baseline)."
+        },
     )
     future_kl_form: str = field(
         default="appo",
@@ -193,8 +207,9 @@ class APPOConfig(GRPOConfig):
     max_tool_calls: int | None = field(
         default=None,
         metadata={
-            "help": "Tool-call budget per rollout, counted over the completion only (a branch's prefix included, "
-            "never the prompt). Paper: 3-6. None = unlimited."
+            "help": "Alias of TRL's `max_tool_calling_iterations` (one field, two names; setting both to different "
+            "values is an error): the tool-call budget per rollout, counted over the completion only (a branch's "
+            "prefix included, never the prompt). Paper: 3-6. None = unlimited."
         },
     )
     tool_timeout: float = field(default=30.0, metadata={"help": "Seconds before a tool call is abandoned."})
@@ -213,8 +228,36 @@ class APPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        # Messages about defaults APPO chose for the user; the trainer logs them once.
+        self.appo_notes: list[str] = []
+        branching = self.branch_criterion != core.NO_BRANCHING
+        if (self.steps_per_generation is None and self.generation_batch_size is None and branching
+                and self.branch_schedule in (None, "per_update")):
+            # Several optimizer steps per generation batch, so Ω (current vs behaviour policy) is live on all but the
+            # first step of each batch under per_update (the paper uses 6-8).
+            self.steps_per_generation = DEFAULT_STEPS_PER_GENERATION * (self.gradient_accumulation_steps or 1)
+            self.appo_notes.append(
+                f"steps_per_generation was unset: APPO uses {self.steps_per_generation} "
+                f"({DEFAULT_STEPS_PER_GENERATION} optimizer steps per generation batch) so that Ω is live under "
+                "per_update branching; set it explicitly to choose."
+            )
         super().__post_init__()
         self._validate_appo()
+
+    @classmethod
+    def from_grpo(cls, grpo_config: GRPOConfig, **appo_fields) -> APPOConfig:
+        """An APPOConfig with every field of `grpo_config` (a GRPOConfig), overridden by `appo_fields`.
+
+        TRL derives `generation_batch_size` from `steps_per_generation` (or the reverse), so only
+        `steps_per_generation` is carried over; when it equals TRL's default (= gradient_accumulation_steps) it is
+        treated as unset, and APPO's own default applies (see `steps_per_generation` above).
+        """
+        values = {f.name: getattr(grpo_config, f.name) for f in dataclasses.fields(GRPOConfig) if f.init}
+        values.pop("generation_batch_size", None)
+        if values.get("steps_per_generation") == values.get("gradient_accumulation_steps"):
+            values["steps_per_generation"] = None
+        values.update(appo_fields)
+        return cls(**values)
 
     # Validation lives in one place so every error names the fix.
     def _validate_appo(self) -> None:
@@ -224,7 +267,6 @@ class APPOConfig(GRPOConfig):
 
         # Names come from the registries in `core` (a registered custom criterion or form is valid here too).
         check_choice("branch_criterion", self.branch_criterion, (*core.BRANCH_CRITERIA, core.NO_BRANCHING))
-        check_choice("branch_schedule", self.branch_schedule, BRANCH_SCHEDULES)
         check_choice("branch_selection", self.branch_selection, BRANCH_SELECTIONS)
         check_choice("omega_reference", self.omega_reference, OMEGA_REFERENCES)
         check_choice("future_kl_form", self.future_kl_form, tuple(core.FUTURE_KL_FORMS))
@@ -233,6 +275,7 @@ class APPOConfig(GRPOConfig):
         check_choice("branch_point_token", self.branch_point_token, BRANCH_POINT_TOKENS)
         check_choice("branch_advantage", self.branch_advantage, core.BRANCH_ADVANTAGES)
 
+        self._check_scalars()
         M = self.num_generations
         if self.branch_criterion == core.NO_BRANCHING:
             if self.num_branches not in (None, 0) or self.num_roots not in (None, M):
@@ -247,9 +290,18 @@ class APPOConfig(GRPOConfig):
                 )
             self.num_branches, self.num_roots = 0, M
         else:
-            if self.num_branches is None:
-                self.num_branches = 3 if self.num_roots is None else M // self.num_roots - 1
-            if self.num_branches < 1:
+            if self.num_branches is None and self.num_roots is None:
+                self.num_roots, self.num_branches = default_split(M, self.per_device_train_batch_size)
+                if self.num_branches == 0:
+                    warnings.warn(
+                        f"num_generations={M} with per_device_train_batch_size={self.per_device_train_batch_size} "
+                        "leaves no split into N >= 2 roots with B >= 1 branches each: APPO runs without branching "
+                        "(GRPO). Use num_generations >= 4 with a batch size divisible by 1 + B.",
+                        UserWarning, stacklevel=3,
+                    )
+            elif self.num_branches is None:
+                self.num_branches = M // self.num_roots - 1
+            if self.num_branches < 1 and not (self.num_branches == 0 and self.num_roots == M):
                 raise ValueError(f"num_branches must be >= 1 when branching (got {self.num_branches}).")
             if self.num_roots is None:
                 if M % (1 + self.num_branches):
@@ -270,6 +322,28 @@ class APPOConfig(GRPOConfig):
                     f"num_roots (N={self.num_roots}) must be >= 2: root advantages are normalised within the N "
                     "roots of a prompt. Increase num_generations or decrease num_branches."
                 )
+        if self.future_kl is None:
+            self.future_kl = self.branching
+        if self.branch_schedule is None:
+            ga = self.gradient_accumulation_steps
+            fits = self.steps_per_generation % ga == 0 and (self.per_device_train_batch_size * ga) % M == 0
+            self.branch_schedule = "per_update" if fits or not self.branching else "per_generation"
+            if not fits and self.branching:
+                self.appo_notes.append(
+                    "branch_schedule: per_update needs each prompt's roots in one optimizer step "
+                    f"(per_device_train_batch_size·gradient_accumulation_steps a multiple of M={M}); this shape "
+                    "is not, so APPO branches once per generation batch (per_generation)."
+                )
+        check_choice("branch_schedule", self.branch_schedule, BRANCH_SCHEDULES)
+        if self.max_tool_calls is not None or self.max_tool_calling_iterations is not None:
+            if None not in (self.max_tool_calls, self.max_tool_calling_iterations) and (
+                    self.max_tool_calls != self.max_tool_calling_iterations):
+                raise ValueError(
+                    f"max_tool_calls={self.max_tool_calls} and max_tool_calling_iterations="
+                    f"{self.max_tool_calling_iterations} name one budget; set only one of them."
+                )
+            limit = self.max_tool_calls if self.max_tool_calls is not None else self.max_tool_calling_iterations
+            self.max_tool_calls = self.max_tool_calling_iterations = limit
 
         # Groups must be whole on each rank: branches are generated from sibling roots locally.
         local_rows = self.per_device_train_batch_size * self.steps_per_generation
@@ -288,7 +362,7 @@ class APPOConfig(GRPOConfig):
                 f"per_device_train_batch_size·N/M = {self.per_device_train_batch_size}·{N}/{M} root rows, which must "
                 f"be a whole number. Use a per_device_train_batch_size that is a multiple of {step}."
             )
-        if self.branch_criterion != core.NO_BRANCHING and self.branch_schedule == "per_update":
+        if self.branching and self.branch_schedule == "per_update":
             if self.steps_per_generation % self.gradient_accumulation_steps:
                 raise ValueError(
                     "branch_schedule='per_update' branches before each optimizer step, so optimizer steps must not "
@@ -313,7 +387,7 @@ class APPOConfig(GRPOConfig):
                     UserWarning,
                     stacklevel=3,
                 )
-        if self.branch_criterion != core.NO_BRANCHING:
+        if self.branching:
             need = self.min_branch_tokens + 2
             if self.max_completion_length < need:
                 raise ValueError(
@@ -334,3 +408,36 @@ class APPOConfig(GRPOConfig):
             raise ValueError(f"future_kl_decay must be > 0 tokens, got {self.future_kl_decay}.")
         if self.max_tool_calls is not None and self.max_tool_calls < 0:
             raise ValueError("max_tool_calls must be >= 0 or None (unlimited).")
+
+    @property
+    def branching(self) -> bool:
+        """Whether APPO branches at all (a criterion other than 'none' and B >= 1)."""
+        return self.branch_criterion != core.NO_BRANCHING and self.num_branches != 0
+
+    def _check_scalars(self) -> None:
+        """Numbers TRL accepts silently but that cannot train."""
+        lr = self.learning_rate
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"learning_rate must be a non-negative number, got {lr!r}; e.g. learning_rate=1e-6.")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise ValueError(
+                f"temperature must be a positive number, got {t!r}: APPO samples roots and branches (1.0 in the paper)."
+            )
+
+
+DEFAULT_STEPS_PER_GENERATION = 4
+"""Optimizer steps per generation batch when the user sets neither steps_per_generation nor generation_batch_size."""
+
+DEFAULT_BRANCH_PREFERENCE = (1, 3)
+"""B values tried in order by `default_split` (chosen by benchmarks/learning.py; see benchmarks/README.md)."""
+
+
+def default_split(num_generations: int, per_device_train_batch_size: int) -> tuple[int, int]:
+    """(N, B) for a budget of M rollouts when the user gives neither: the first B of `DEFAULT_BRANCH_PREFERENCE`
+    with N = M / (1 + B) >= 2 whole roots and whole roots per micro-batch (per_device_train_batch_size divisible by
+    1 + B); (M, 0), no branching, when none fits (M < 4, or an odd batch size)."""
+    for b in DEFAULT_BRANCH_PREFERENCE:
+        if num_generations % (1 + b) == 0 and num_generations // (1 + b) >= 2 and per_device_train_batch_size % (1 + b) == 0:
+            return num_generations // (1 + b), b
+    return num_generations, 0

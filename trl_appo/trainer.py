@@ -38,11 +38,14 @@ from typing import Any
 import torch
 import trl
 from packaging.version import Version
+from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
 from . import branching, core
 from .config import APPOConfig
+
+logger = logging.get_logger(__name__)
 
 TESTED_TRL = (Version("1.16.0"), Version("1.17.0"))  # [low, high)
 _APPO_STATE_FILE = "appo_state.pt"
@@ -147,6 +150,8 @@ class APPOTrainer(GRPOTrainer):
                     "beta > 0 (loads a reference model) or train a PEFT adapter (reference = adapters disabled)."
                 )
         self._appo_engine = self._build_engine()
+        for note in args.appo_notes:  # defaults APPO chose for this config, said once
+            logger.warning(note)
 
     # ------------------------------------------------------------------ setup
     def _is_peft_model(self) -> bool:
@@ -177,7 +182,8 @@ class APPOTrainer(GRPOTrainer):
             protocol = ChatTemplateProtocol(tokenizer, chat_template_kwargs=self.chat_template_kwargs)
         else:
             # The paper's tags stop generation even when that tool is not registered, so the model is told so.
-            tags = dict.fromkeys(("python", "search", *registry.names))
+            # Without any tool there is nothing to stop for: one model turn, as GRPOTrainer generates.
+            tags = dict.fromkeys(("python", "search", *registry.names)) if self._appo_tools else {}
             protocol = TagProtocol(tokenizer, tags=tuple(tags), chat_template_kwargs=self.chat_template_kwargs)
         # Every end-of-sequence id TRL stops at also ends a model run for the engine.
         protocol.stop_token_ids = frozenset(protocol.stop_token_ids) | frozenset(self.eos_token_ids)
@@ -187,7 +193,10 @@ class APPOTrainer(GRPOTrainer):
             protocol,
             registry,
             max_completion_length=args.max_completion_length,
-            max_tool_calls=args.max_tool_calls,
+            # No tools: a call-shaped text ends the episode as it stands (one assistant turn, as in GRPOTrainer)
+            # instead of earning a "malformed tool call" turn and another assistant turn.
+            max_tool_calls=args.max_tool_calls if self._appo_tools else 0,
+            on_tool_limit="message" if self._appo_tools else "end",
             should_continue=self._engine_should_continue if self.accelerator.num_processes > 1 else None,
         )
 
@@ -278,6 +287,10 @@ class APPOTrainer(GRPOTrainer):
         n, calls, fails, decoded = self.accelerator.gather(local.unsqueeze(0)).sum(dim=0).tolist()
         if n == 0:
             return
+        if self._appo_tools:  # TRL's names and meaning, here per rollout group (roots; branches add theirs)
+            trl_name = "tools" if prefix == "appo/root" else f"{prefix}/tools"
+            self._metrics[mode][f"{trl_name}/call_frequency"].append(calls / n)
+            self._metrics[mode][f"{trl_name}/failure_frequency"].append(fails / calls if calls else 0.0)
         self._metrics[mode][f"{prefix}/tool_calls_per_rollout"].append(calls / n)
         self._metrics[mode][f"{prefix}/tool_failure_rate"].append(fails / calls if calls else 0.0)
         self._metrics[mode][f"{prefix}/decoded_tokens"].append(decoded)
@@ -292,7 +305,7 @@ class APPOTrainer(GRPOTrainer):
     @property
     def _branching(self) -> bool:
         args = self.args
-        if args.branch_criterion == core.NO_BRANCHING:
+        if not args.branching:
             return False
         return self.model.training or args.branch_in_eval
 

@@ -175,3 +175,83 @@ def test_cpu_demo_trains_end_to_end(script, tmp_path):
     records = load_branch_trees(tmp_path)
     assert records and all(len(r["branches"]) == 3 for r in records)  # B=3 per root
     assert len(records) == 4  # the N=4 roots of the step's prompt
+
+
+# ------------------------------------------------------------------------------------------------ one wiring, shipped
+
+
+def test_script_is_a_thin_wrapper_over_the_package_module(script):
+    from trl_appo import scripts
+
+    assert script.parse_args is scripts.parse_args and script.build_from_args is scripts.build_from_args
+    assert script.main is scripts.train  # returns the trainer, as before
+    assert len((RECIPES / "train_appo.py").read_text().splitlines()) < 60
+
+
+def test_checkout_recipes_are_the_shipped_package_data():
+    import fnmatch
+    import tomllib
+
+    from trl_appo.recipes import find_recipe, list_recipes, recipes_dir
+
+    shipped = list_recipes(include_accelerate=True)
+    assert shipped == sorted(ids(TRAINING_YAMLS + ACCELERATE_YAMLS))
+    for name in shipped:
+        assert (recipes_dir() / name).read_text() == (RECIPES / name).read_text()
+        assert find_recipe(name).resolve() == (recipes_dir() / name).resolve() == find_recipe("recipes/" + name).resolve()
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert all(any(fnmatch.fnmatch(n, p) for p in patterns["trl_appo.recipes"]) for n in shipped)
+
+
+@pytest.mark.parametrize("path", TRAINING_YAMLS, ids=ids(TRAINING_YAMLS))
+def test_recipe_tracking(path):
+    config = yaml.safe_load(path.read_text())
+    if path.parent.name == "cpu":
+        assert config["report_to"] == "none"  # the demo used in tests runs without trackio
+    else:
+        assert config["report_to"] == "trackio"
+        assert config["project"] == f"appo-{path.parent.name}-{path.stem}"
+
+
+def test_trackio_missing_falls_back_with_one_warning(script, tmp_path, monkeypatch):
+    import importlib.util
+    import warnings
+
+    from trl_appo import scripts
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trackio" else real(name, *a))
+    _, args, _ = script.parse_args(["--config", str(RECIPES / "cpu" / "demo.yaml"), "--report_to", "trackio",
+                                    "--output_dir", str(tmp_path)])
+    assert args.report_to == ["trackio"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert scripts.fallback_report_to(args) == ["trackio"]
+    assert len(caught) == 1 and "trl-appo[track]" in str(caught[0].message)
+    assert args.report_to == []
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [("", "is empty"), ("a: [1\n", "YAML syntax error"), ("- 1\n", "YAML mapping"),
+     ("learning_rate: [1, 2]\n", "must be one float"), ("lr_scheduler_type: sometimes\n", "choose one of"),
+     ("use_cpu: maybe\n", "must be one bool")],
+)
+def test_bad_recipe_files_raise_one_line_recipe_errors(script, tmp_path, text, match):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(script.RecipeError, match=match) as info:
+        script.parse_args(["--config", str(bad)])
+    assert "\n" not in str(info.value)
+
+
+def test_script_entry_exits_2_with_one_line(tmp_path):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(RECIPES / "train_appo.py"), "--config", "cpu/demo.yaml",
+                           "--num_roots", "3", "--output_dir", str(tmp_path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "gemm_4bit" not in line]
+    assert len(lines) == 1 and "num_roots" in lines[0], proc.stderr

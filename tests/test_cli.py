@@ -298,3 +298,15 @@ def test_installed_command_uses_shipped_recipes_outside_checkout(tmp_path):
     assert proc.returncode == EXIT_BAD_INPUT, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("trl-appo train: error: invalid settings"), proc.stderr
+
+
+def test_train_missing_dataset_file(tmp_path, capsys, _scripts_imported):
+    _bad(["train", "--config", str(DEMO), "--dataset_name", str(tmp_path / "none.jsonl"),
+          "--output_dir", str(tmp_path / "out")], capsys, "not found", "dataset_name")
+
+
+def test_demo_takes_underscore_flags():
+    from trl_appo.cli import _underscore_to_dash
+
+    assert _underscore_to_dash(["--output_dir", "x_y", "--no_progress", "--b_lr=1e-4", "--quick"]) == [
+        "--output-dir", "x_y", "--no-progress", "--b-lr=1e-4", "--quick"]

@@ -484,6 +484,16 @@ def _load(name: str, split: str, limit: int | None, script_args, training_args):
             raise RecipeError(f"Unknown task generator {name!r}; use 'task:tiny_arith', 'task:tool', 'task:arith' or "
                              "'task:search'.")
         return data[task_split]
+    try:
+        return _load_any(appo_datasets, name, split, limit, script_args, training_args)
+    except FileNotFoundError as e:
+        raise RecipeError(f"dataset {name!r} not found ({_one_line(e)}); fix dataset_name / eval_dataset_name "
+                          "(a local file or folder, or task:tiny_arith / task:tool)") from e
+    except ConnectionError as e:
+        raise RecipeError(_one_line(e)) from e
+
+
+def _load_any(appo_datasets, name, split, limit, script_args, training_args):
     return appo_datasets.load_dataset_any(
         name,
         split=split,

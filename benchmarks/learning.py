@@ -54,25 +54,28 @@ _APPO = {"branch_criterion": "bs", "branch_schedule": "per_update"}
 # label -> APPOConfig overrides (num_generations comes from the settings unless given here).
 VARIANTS: dict[str, dict[str, Any]] = {
     "grpo": GRPO,
+    # GRPO at twice the learning rate: APPO's future-aware weight 1 + b·f (b = 1, f >= 1) at least doubles every
+    # advantage, i.e. the step size; this control tells that apart from the credit it carries.
+    "grpo_lr2x": {**GRPO, "learning_rate": 2e-4},
     "appo_paper_n4b1": {**_APPO, "num_roots": 4, "branch_loss": "none"},
     "appo_paper_n2b3": {**_APPO, "num_roots": 2, "branch_loss": "none"},
-    "suffix_dual_n4b1": {**_APPO, "num_roots": 4, "branch_loss": "suffix", "branch_advantage": "dual_group"},
-    "suffix_joint_n4b1": {**_APPO, "num_roots": 4, "branch_loss": "suffix", "branch_advantage": "dual_group",
-                          "dual_groups": False},
-    "suffix_local_n4b1": {**_APPO, "num_roots": 4, "branch_loss": "suffix", "branch_advantage": "local"},
-    "suffix_local_n2b3": {**_APPO, "num_roots": 2, "branch_loss": "suffix", "branch_advantage": "local"},
-    "suffix_local_resample_n4b1": {**_APPO, "num_roots": 4, "branch_loss": "suffix", "branch_advantage": "local",
-                                   "branch_point_token": "resample"},
-    "suffix_local_entropy_n4b1": {**_APPO, "branch_criterion": "entropy", "num_roots": 4, "branch_loss": "suffix",
-                                  "branch_advantage": "local"},
-    "suffix_local_random_n4b1": {**_APPO, "branch_criterion": "random", "num_roots": 4, "branch_loss": "suffix",
-                                 "branch_advantage": "local"},
-    "grpo_m16": {**GRPO, "num_generations": 16},
-    "suffix_local_m16_n4b3": {**_APPO, "num_generations": 16, "num_roots": 4, "branch_loss": "suffix",
-                              "branch_advantage": "local"},
-    "suffix_local_m16_n8b1": {**_APPO, "num_generations": 16, "num_roots": 8, "branch_loss": "suffix",
-                              "branch_advantage": "local"},
 }
+for _adv, _extra in (("dual", {"branch_advantage": "dual_group"}),
+                     ("joint", {"branch_advantage": "dual_group", "dual_groups": False}),
+                     ("local", {"branch_advantage": "local"})):
+    _S = {**_APPO, "branch_loss": "suffix", **_extra}
+    VARIANTS.update({
+        f"suffix_{_adv}_n4b1": {**_S, "num_roots": 4},
+        f"suffix_{_adv}_n2b3": {**_S, "num_roots": 2},
+        f"suffix_{_adv}_nofkl_n4b1": {**_S, "num_roots": 4, "future_kl": False},
+        f"suffix_{_adv}_resample_n4b1": {**_S, "num_roots": 4, "branch_point_token": "resample"},
+        f"suffix_{_adv}_entropy_n4b1": {**_S, "num_roots": 4, "branch_criterion": "entropy"},
+        f"suffix_{_adv}_random_n4b1": {**_S, "num_roots": 4, "branch_criterion": "random"},
+        f"suffix_{_adv}_pergen_n4b1": {**_S, "num_roots": 4, "branch_schedule": "per_generation"},
+        f"suffix_{_adv}_m16_n4b3": {**_S, "num_generations": 16, "num_roots": 4},
+        f"suffix_{_adv}_m16_n8b1": {**_S, "num_generations": 16, "num_roots": 8},
+    })
+VARIANTS["grpo_m16"] = {**GRPO, "num_generations": 16}
 DEFAULT_GRID = ("grpo", "appo_paper_n4b1", "suffix_dual_n4b1", "suffix_joint_n4b1", "suffix_local_n4b1")
 
 
@@ -286,7 +289,7 @@ def run_one(variant: str, seed: int, s: Settings, cache_dir: Path, out_path: Pat
     kw = dict(VARIANTS[variant])
     M = kw.pop("num_generations", s.num_generations)
     args = _common_args(
-        out_path.parent / f"_work_{variant}_{seed}", seed, learning_rate=s.learning_rate,
+        out_path.parent / f"_work_{variant}_{seed}", seed, learning_rate=kw.pop("learning_rate", s.learning_rate),
         lr_scheduler_type="constant", max_steps=s.steps, num_generations=M,
         per_device_train_batch_size=M * s.prompts_per_step, steps_per_generation=s.steps_per_generation,
         gradient_accumulation_steps=1, max_completion_length=s.max_completion_length,

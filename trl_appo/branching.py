@@ -283,7 +283,7 @@ def branch_and_credit(trainer, batch: dict[str, Any], *, for_loss: bool, want_re
 
     _log_metrics(trainer, mode, view, bs, pts, branches, branch_rewards, root_rewards, weights, credit,
                  timings=(t_score - t0, t_gen - t_score, t_reward - t_gen), branch_rows=branch_rows)
-    records = branch_tree_records(trainer, view, bs, pts, branches, branch_rewards) if want_records else []
+    records = branch_tree_records(trainer, view, bs, pts, branches, branch_rewards, credit) if want_records else []
     return StepOutput(branch_rows=branch_rows, records=records)
 
 
@@ -401,8 +401,9 @@ def _log_metrics(trainer, mode, view, bs, pts, branches, branch_rewards, root_re
     trainer._log_rollout_metrics(branches, mode, prefix="appo/branch")
 
 
-def branch_tree_records(trainer, view: RootView, bs, pts, branches, branch_rewards) -> list[dict[str, Any]]:
-    """One JSON-able record per root: its tokens, mask, scores, reward and its branches (`trl-appo inspect`)."""
+def branch_tree_records(trainer, view: RootView, bs, pts, branches, branch_rewards, credit) -> list[dict[str, Any]]:
+    """One JSON-able record per root: its tokens, mask, scores, reward, the per-token advantage it is trained with
+    (``credit``: §3's A_{i,t}, before the loss-time future-KL weight) and its branches (`trl-appo inspect`)."""
     tok = trainer._tokenizer
     weights = trainer.reward_weights.cpu()
     root_rewards = (view.rows["appo_root_rewards"].cpu() * weights).nansum(dim=1)
@@ -422,6 +423,7 @@ def branch_tree_records(trainer, view: RootView, bs, pts, branches, branch_rewar
             "bs": bs.scores[r, :n].tolist(),
             "degenerate": bool(bs.degenerate[r]),
             "reward": float(root_rewards[r]),
+            "credit": credit[r, :n].tolist(),
             "branches": [
                 {"position": int(pts.position[j]), "strict": bool(pts.strict[j]), "fallback": int(pts.fallback[j]),
                  "score": float(pts.score[j]), "reward": float(br[j]),

@@ -151,7 +151,8 @@ def main() -> None:
     s = bench_sandbox(args.sandbox_calls, args.sandbox_concurrent, args.sandbox_module)
     if args.sandbox_only:
         print("\n| measure | value |\n|---|---|")
-        print(f"| sandbox `print(1)` per call, median / p90 over {s['calls']} | {s['median_ms']:.0f} / {s['p90_ms']:.0f} ms |")
+        print(f"| sandbox `print(1)` per call, median / p90 over {s['calls']} | "
+              f"{s['median_ms']:.0f} / {s['p90_ms']:.0f} ms |")
         print(f"| {s['concurrent']} concurrent calls: wall / median per call | "
               f"{s['concurrent_wall_ms']:.0f} / {s['concurrent_median_ms']:.0f} ms |")
         print(f"| sandbox isolation | {s['isolation']} |")

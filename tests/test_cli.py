@@ -53,6 +53,8 @@ def test_train_help_lists_recipe_fields(capsys):
     assert main(["train", "--help_all"]) == 0  # every field, from TRL's parser
     out = capsys.readouterr().out
     assert "--num_branches" in out and "--lora_r" in out and "--search_backend" in out
+    first = next(line for line in out.split("options:", 1)[1].splitlines() if line.strip().startswith("-"))
+    assert first.strip().startswith("--config RECIPE")
 
 
 _HELP_PROBE = """

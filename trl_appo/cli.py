@@ -165,10 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _scripts():
-    import logging
-
-    # bitsandbytes logs a kernels-hub warning on every CPU import; noise for a one-line CLI error.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from trl_appo import scripts
 
     return scripts
@@ -179,8 +175,7 @@ def cmd_train(args, rest: list[str]) -> int:
         build_parser()._subparsers._group_actions[0].choices["train"].print_help()  # noqa: SLF001
         return 0
     if args.help_all:
-        print("usage: trl-appo train --config RECIPE [--field value ...]\n")
-        _scripts().make_parser().print_help()
+        _scripts().make_parser(prog="trl-appo train").print_help()
         return 0
     if not args.config and not rest:
         raise BadInput("nothing to train: pass --config RECIPE (e.g. cpu/demo.yaml; `trl-appo recipes` lists them)")

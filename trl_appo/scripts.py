@@ -46,9 +46,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trl import ModelConfig, ScriptArguments, TrlParser
+# bitsandbytes warns on every CPU import that the optional `kernels` hub package is missing; a recipe cannot act on
+# it and it would be a second stderr line next to a one-line error. Left alone when the caller set a level.
+if logging.getLogger("bitsandbytes.backends.cpu.ops").level == logging.NOTSET:
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from trl_appo.config import APPOConfig
+from trl import ModelConfig, ScriptArguments, TrlParser  # noqa: E402
+
+from trl_appo.config import APPOConfig  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -203,9 +208,21 @@ class _RecipeParser(TrlParser):
     def error(self, message):  # argparse would print the whole usage and exit
         raise RecipeError(f"{_one_line(message)}; fix that flag (`trl-appo train --help_all` lists every field)")
 
+    def format_help(self):
+        """TRL's help with `--config` (handled by TrlParser, not an argparse option) first and a short usage."""
+        text = super().format_help()
+        body = text.split("\n\n", 1)[1] if "\n\n" in text else text
+        config = ("  --config RECIPE       Recipe YAML: a path or a shipped name such as cpu/demo.yaml (`trl-appo "
+                  "recipes`);\n                        every --field below overrides it.\n")
+        body = body.replace("options:\n", "options:\n" + config, 1) if "options:\n" in body else config + body
+        return f"usage: {self.prog} --config RECIPE [--field value ...]\n\n{body}"
 
-def make_parser() -> TrlParser:
-    return _RecipeParser((APPOScriptArguments, APPOConfig, ModelConfig))
+
+def make_parser(prog: str | None = None) -> TrlParser:
+    parser = _RecipeParser((APPOScriptArguments, APPOConfig, ModelConfig))
+    if prog:
+        parser.prog = prog
+    return parser
 
 
 def read_recipe(name: str | os.PathLike) -> tuple[Path, dict]:

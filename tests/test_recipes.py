@@ -255,3 +255,11 @@ def test_script_entry_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "num_roots" in lines[0], proc.stderr
+
+
+def test_reward_registry_includes_trl_rewards(script):
+    from trl.rewards import accuracy_reward, think_format_reward
+
+    assert script.build_reward_funcs(["accuracy", "think_format"]) == [accuracy_reward, think_format_reward]
+    with pytest.raises(script.RecipeError, match="cannot be imported"):
+        script.build_reward_funcs(["no_such_pkg.fn"])

@@ -42,7 +42,8 @@ class _Parser(argparse.ArgumentParser):
 TRAIN_COMMON_FIELDS = """common fields (YAML key or --flag; every one: `trl-appo train --help_all`):
   --model_name_or_path  a hub id, a local path, or `tiny` (offline 30k-parameter model)
   --dataset_name        task:tiny_arith | task:tool | an ARPO parquet/folder | a .jsonl/.json/.parquet/.csv file
-  --reward_funcs        format_f1 format_answer_type answer_type f1 exact_match math_equivalence (or pkg.module.fn)
+  --reward_funcs        format_f1 format_answer_type answer_type f1 exact_match math_equivalence, TRL's accuracy
+                        think_format (or pkg.module.fn)
   --tools               python search
   --output_dir --max_steps --learning_rate --per_device_train_batch_size --gradient_accumulation_steps
   --num_generations --num_roots --num_branches --branch_criterion --branch_schedule --tool_protocol
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=["tags", "chat"], default="tags", help="Tool-call protocol. Default tags.")
     p.add_argument("--tools", default="python", help="Comma-separated tools: python,search (or 'none').")
     p.add_argument("--reward", default="answer_type", help="Score: answer_type (default), format_answer_type, "
-                   "format_f1, exact_match, f1, math_equivalence, or pkg.module.fn.")
+                   "format_f1, exact_match, f1, math_equivalence, accuracy (TRL), or pkg.module.fn.")
     p.add_argument("--threshold", type=float, default=1.0, help="A rollout is correct when its score >= this.")
     p.add_argument(*_alias("--max_completion_length"), dest="max_completion_length", type=int, default=512,
                    help="Token budget per rollout. Default 512.")

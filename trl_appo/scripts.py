@@ -76,8 +76,11 @@ REWARD_FUNCS = {
     "f1": "f1_reward",
     "exact_match": "exact_match_reward",
     "math_equivalence": "math_equivalence_reward",
+    "accuracy": "trl.rewards.accuracy_reward",  # TRL's own: needs a `solution` column (TRL's math datasets)
+    "think_format": "trl.rewards.think_format_reward",  # TRL's own: 1.0 for a leading <think>...</think>
 }
-"""Short names of `trl_appo.rewards` functions; a full function name or a dotted import path also works."""
+"""Short names of reward functions (`trl_appo.rewards`, and TRL's `trl.rewards`); a full function name of
+`trl_appo.rewards` or a dotted import path also works."""
 
 TOOLS = ("python", "search")
 SEARCH_BACKENDS = ("bm25", "arpo_cache", "http")
@@ -393,10 +396,16 @@ def build_reward_funcs(names: list[str]) -> list:
         attr = REWARD_FUNCS.get(name, name)
         if hasattr(rewards, attr) and callable(getattr(rewards, attr)):
             funcs.append(getattr(rewards, attr))
-        elif "." in name:
-            module, fn = name.rsplit(".", 1)
-            sys.path.insert(0, os.getcwd())
-            funcs.append(getattr(importlib.import_module(module), fn))
+        elif "." in attr:
+            module, fn = attr.rsplit(".", 1)
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            try:
+                funcs.append(getattr(importlib.import_module(module), fn))
+            except (ImportError, AttributeError) as e:
+                raise RecipeError(f"reward function {name!r} cannot be imported ({_one_line(e)}); fix the dotted "
+                                  "path 'pkg.module.fn' (relative to the working directory) or use a short name "
+                                  f"{sorted(REWARD_FUNCS)}") from e
         else:
             raise RecipeError(
                 f"Unknown reward function {name!r}. Use one of {sorted(REWARD_FUNCS)}, a function of "

@@ -42,8 +42,8 @@ class _Parser(argparse.ArgumentParser):
 TRAIN_COMMON_FIELDS = """common fields (YAML key or --flag; every one: `trl-appo train --help_all`):
   --model_name_or_path  a hub id, a local path, or `tiny` (offline 30k-parameter model)
   --dataset_name        task:tiny_arith | task:tool | an ARPO parquet/folder | a .jsonl/.json/.parquet/.csv file
-  --reward_funcs        format_f1 format_answer_type answer_type f1 exact_match math_equivalence, TRL's accuracy
-                        think_format (or pkg.module.fn)
+  --reward_funcs        format_f1 format_answer_type answer_type f1 exact_match math_equivalence, and TRL's
+                        accuracy think_format (or a dotted path pkg.module.fn)
   --tools               python search
   --output_dir --max_steps --learning_rate --per_device_train_batch_size --gradient_accumulation_steps
   --num_generations --num_roots --num_branches --branch_criterion --branch_schedule --tool_protocol

@@ -152,6 +152,11 @@ class APPOTrainer(GRPOTrainer):
         self._appo_engine = self._build_engine()
         for note in args.appo_notes:  # defaults APPO chose for this config, said once
             logger.warning(note)
+        if self._appo_tools:
+            from .tools import describe_isolation
+
+            isolation = describe_isolation(self._appo_tools)  # the sandbox level actually achieved, said once
+            (logger.warning if "isolation=none" in isolation else logger.info)(f"APPO tools: {isolation}")
 
     # ------------------------------------------------------------------ setup
     def _is_peft_model(self) -> bool:

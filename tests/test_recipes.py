@@ -97,7 +97,10 @@ def test_recipe_builds_on_cpu(script, path, tmp_path):
         assert 6 <= steps <= 8, "paper: 6-8 optimizer steps per generation batch"
         assert 3 <= training_args.max_tool_calls <= 6, "paper: tool-call limit 3-6"
         lr_full = 1e-6
-        assert training_args.learning_rate == lr_full if not model_args.use_peft else training_args.learning_rate > lr_full
+        if model_args.use_peft:
+            assert training_args.learning_rate > lr_full
+        else:
+            assert training_args.learning_rate == lr_full
 
     recipe = script.build_from_args(script_args, training_args, model_args, with_data=with_data)
     assert recipe.reward_funcs and all(callable(f) for f in recipe.reward_funcs)
@@ -198,7 +201,8 @@ def test_checkout_recipes_are_the_shipped_package_data():
     assert shipped == sorted(ids(TRAINING_YAMLS + ACCELERATE_YAMLS))
     for name in shipped:
         assert (recipes_dir() / name).read_text() == (RECIPES / name).read_text()
-        assert find_recipe(name).resolve() == (recipes_dir() / name).resolve() == find_recipe("recipes/" + name).resolve()
+        shipped_path = (recipes_dir() / name).resolve()
+        assert find_recipe(name).resolve() == shipped_path == find_recipe("recipes/" + name).resolve()
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     assert all(any(fnmatch.fnmatch(n, p) for p in patterns["trl_appo.recipes"]) for n in shipped)
 

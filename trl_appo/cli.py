@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="A local model directory (save_pretrained output), `tiny` or "
                    "`smollm2`.")
-    p.add_argument("--dataset", required=True, help="A .jsonl/.json/.parquet/.csv file, or task:tiny_arith / task:tool.")
+    p.add_argument("--dataset", required=True,
+                   help="A .jsonl/.json/.parquet/.csv file, or task:tiny_arith / task:tool.")
     p.add_argument("--split", default=None, help="Split of a DatasetDict source (default: heldout/test/validation).")
     p.add_argument("--k", type=int, default=4, help="K of Pass@K (Pass@1 is always reported). Default 4.")
     p.add_argument("--n", type=int, default=8, help="Samples per prompt (>= K). Default 8.")

@@ -100,7 +100,9 @@ class APPOScriptArguments(ScriptArguments):
     )
     dataset_schema: str | None = field(
         default=None,
-        metadata={"help": "Schema of a non-ARPO file or hub dataset: 'gsm8k', 'math' or 'hotpotqa' (default: detected)."},
+        metadata={
+            "help": "Schema of a non-ARPO file or hub dataset: 'gsm8k', 'math' or 'hotpotqa' (default: detected)."
+        },
     )
     eval_dataset_name: str | None = field(
         default=None,
@@ -168,7 +170,9 @@ class APPOScriptArguments(ScriptArguments):
         if self.search_backend not in SEARCH_BACKENDS:
             raise RecipeError(f"search_backend={self.search_backend!r}; choose one of {list(SEARCH_BACKENDS)}.")
         if "search" in self.tools and self.search_backend == "arpo_cache" and not self.search_corpus:
-            raise RecipeError("search_backend='arpo_cache' needs search_corpus=<path to the release's search_cache.json>.")
+            raise RecipeError(
+                "search_backend='arpo_cache' needs search_corpus=<path to the release's search_cache.json>."
+            )
         if "search" in self.tools and self.search_backend == "http" and not self.search_url:
             raise RecipeError("search_backend='http' needs search_url.")
 

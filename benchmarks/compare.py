@@ -62,6 +62,10 @@ CRITERIA: dict[str, dict[str, Any]] = {
                            "future_kl": False},
     "appo_roots_only": {"branch_criterion": "bs", "branch_schedule": "per_update", "prefix_credit": False,
                         "procedure_scale": False, "future_kl": False},
+    # Branch continuations in the loss (docs/algorithm.md §9): the cost of training on all M rollouts.
+    "appo_suffix_per_update": {"branch_criterion": "bs", "branch_schedule": "per_update", "branch_loss": "suffix"},
+    "appo_suffix_per_generation": {"branch_criterion": "bs", "branch_schedule": "per_generation",
+                                   "branch_loss": "suffix"},
 }
 COST_CRITERIA = ("grpo", "appo_bs_per_update", "appo_bs_per_generation", "entropy", "random")  # ablations opt-in
 LEARNING_CRITERIA = ("grpo", "appo_bs_per_update", "entropy", "random")
@@ -656,6 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-roots", type=int, default=None, help="N roots of the branching criteria (default 2)")
     p.add_argument("--learn-criteria", default=None, help=f"comma list of criteria for the learning part, from "
                    f"{', '.join(CRITERIA)} (default {', '.join(LEARNING_CRITERIA)})")
+    p.add_argument("--cost-criteria", default=None, help=f"comma list of criteria for the cost part, from "
+                   f"{sorted(CRITERIA)} (grpo always runs: it is the baseline)")
     p.add_argument("--learn-steps", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--cost-steps", type=int, default=None)
@@ -750,6 +756,11 @@ def main(argv=None) -> int:
         s.num_generations = s.per_device_train_batch_size = a.num_generations
     if a.num_roots:
         s.num_roots = a.num_roots
+    if a.cost_criteria:
+        unknown = set(a.cost_criteria.split(",")) - set(CRITERIA)
+        if unknown:
+            p.error(f"unknown cost criteria {sorted(unknown)}; choose from {sorted(CRITERIA)}")
+        s.cost_criteria = tuple(dict.fromkeys(("grpo", *a.cost_criteria.split(","))))
     if a.learn_criteria:
         unknown = set(a.learn_criteria.split(",")) - set(CRITERIA)
         if unknown:

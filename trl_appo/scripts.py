@@ -441,9 +441,12 @@ def make_tools(
         if not name or name == "none":
             continue
         if name == "python":
-            from trl_appo.tools.python import PythonTool
+            from trl_appo.tools.python import PythonTool, SandboxUnavailable
 
-            tools.append(PythonTool(timeout=python_timeout, memory_mb=python_memory_mb))
+            try:
+                tools.append(PythonTool(timeout=python_timeout, memory_mb=python_memory_mb))
+            except SandboxUnavailable as e:  # fail closed, as one line that names the fix
+                raise RecipeError(str(e).replace("\n", " ")) from e
         elif name == "search":
             from trl_appo.tools import search
 

@@ -247,3 +247,25 @@ def test_config_validates_the_new_branch_fields(tmp_path):
     with pytest.raises(ValueError, match="branch_criterion"):
         APPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to="none", num_generations=8,
                    per_device_train_batch_size=8, branch_criterion="nope")
+
+
+def test_completions_table_lists_branches_and_the_roots_trained_credit(tiny_model, tiny_tokenizer, tmp_path):
+    import pandas as pd
+
+    args = make_args(tmp_path, branch_loss="suffix", log_completions=True, log_branch_trees=True)
+    trainer = make_trainer(tiny_model, tiny_tokenizer, args)
+    trainer.train()
+    table = pd.concat(pd.read_parquet(p) for p in sorted((tmp_path / "completions").glob("*.parquet")))
+    kinds = table["appo_row"].value_counts().to_dict()
+    assert kinds == {"root": args.num_roots, "branch": args.num_roots * args.num_branches}
+    assert (table.loc[table["appo_row"] == "root", "appo_point"] == -1).all()
+    assert (table.loc[table["appo_row"] == "branch", "appo_point"] >= -1).all()
+    # the roots' advantage column is the mean per-token credit they were trained with (the branch-tree record's)
+    from trl_appo.viz import load_branch_trees
+
+    records = load_branch_trees(tmp_path)
+    expected = sorted(
+        sum(c for c, m in zip(r["credit"], r["model_mask"]) if m) / max(1, sum(r["model_mask"])) for r in records
+    )
+    got = sorted(table.loc[table["appo_row"] == "root", "advantage"].tolist())
+    assert got == pytest.approx(expected, abs=1e-5)

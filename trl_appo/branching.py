@@ -281,6 +281,10 @@ def branch_and_credit(trainer, batch: dict[str, Any], *, for_loss: bool, want_re
             suffix_adv = branch_adv
         branch_rows = build_branch_rows(trainer, view, pts, branches, suffix_adv)
 
+    if trainer.log_completions:
+        trained = suffix_adv if branch_rows is not None else branch_adv
+        log_branch_completions(trainer, view, pts, branch_prompts, completions, branch_rewards, trained, credit)
+
     _log_metrics(trainer, mode, view, bs, pts, branches, branch_rewards, root_rewards, weights, credit,
                  timings=(t_score - t0, t_gen - t_score, t_reward - t_gen), branch_rows=branch_rows)
     records = branch_tree_records(trainer, view, bs, pts, branches, branch_rewards, credit) if want_records else []
@@ -338,6 +342,54 @@ def build_branch_rows(trainer, view: RootView, pts: core.BranchPoints, branches,
 
 
 # ---------------------------------------------------------------------------------------------- what is logged
+
+
+def mark_logged_roots(trainer, num_local_rows: int) -> torch.Tensor:
+    """TRL has just added this batch's roots (all ranks, in rank order) to its completions table: mark them as
+    roots and return each local row's position in that table, so its advantage can show the trained credit later."""
+    logs, procs = trainer._logs, trainer.accelerator.num_processes
+    added = num_local_rows * procs
+    logs["extra"]["appo_row"].extend(["root"] * added)
+    logs["extra"]["appo_point"].extend([-1] * added)
+    start = trainer._appo_logged_rows + trainer.accelerator.process_index * num_local_rows
+    trainer._appo_logged_rows += added
+    return torch.arange(start, start + num_local_rows, device=trainer.accelerator.device)
+
+
+def log_branch_completions(trainer, view, pts, prompts, completions, branch_rewards, advantages, credit) -> None:
+    """Add the branches to TRL's completions table (``appo_row="branch"``, ``appo_point`` = its point, its reward
+    and the advantage it is trained with, or Â_b when branches only give credit), and show each root's trained
+    credit (the mean of A_{i,t} over its model tokens) in the roots' ``advantage`` column."""
+    from accelerate.utils import gather_object
+
+    logs, gather = trainer._logs, trainer.accelerator.gather
+    total_before = trainer._appo_logged_rows
+    index = view.rows.get("appo_log_index")
+    if index is not None:  # the roots' rows, where they are still in the (bounded) table
+        on = view.model_mask.to(credit.device).float()
+        mean_credit = (credit * on).sum(dim=1) / on.sum(dim=1).clamp(min=1)
+        pairs = gather(torch.stack([index.to(credit.device).float(), mean_credit.float()], dim=1))
+        offset = total_before - len(logs["advantages"])
+        for i, value in pairs.tolist():
+            pos = int(i) - offset
+            if 0 <= pos < len(logs["advantages"]):
+                logs["advantages"][pos] = value
+    g_prompts, g_completions = gather_object(list(prompts)), gather_object(list(completions))
+    n = len(g_prompts)
+    logs["prompt"].extend(g_prompts)
+    logs["completion"].extend(g_completions)
+    for i, name in enumerate(trainer.reward_func_names):
+        logs["rewards"][name].extend(branch_rewards[:, i].tolist())
+    logs["advantages"].extend(gather(advantages.float()).tolist())
+    points = gather(pts.position.to(trainer.accelerator.device)).tolist()
+    for column, values in logs["extra"].items():
+        if column == "appo_row":
+            values.extend(["branch"] * n)
+        elif column == "appo_point":
+            values.extend(points)
+        else:  # a column the user's reward functions log for roots (branch values are kept out of the table)
+            values.extend([None] * n)
+    trainer._appo_logged_rows += n
 
 
 def _near_tool(mm: torch.Tensor, r: int, s: int, length: int) -> bool:

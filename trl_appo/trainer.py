@@ -126,6 +126,7 @@ class APPOTrainer(GRPOTrainer):
         self._appo_branch_step = 0
         self._appo_sampled_at_step = 0
         self._appo_window = None  # (first micro-step, loss batches) of the current optimizer step (per_update)
+        self._appo_logged_rows = 0  # rows ever appended to TRL's completions table (roots and branches, all ranks)
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="You are using 'rollout_func'")
@@ -340,6 +341,8 @@ class APPOTrainer(GRPOTrainer):
         out["appo_root_advantages"] = out["advantages"]
         out["appo_group"] = torch.arange(R, device=out["advantages"].device) // N
         out["appo_inputs"] = [copy.copy(row) for row in root_inputs]
+        if self.log_completions:  # TRL just added these roots to its completions table: mark them
+            out["appo_log_index"] = branching.mark_logged_roots(self, R)
         self._appo_sampled_at_step = self.state.global_step
         if args.branch_schedule == "per_generation" or not self.model.training:
             step = self._appo_step(out, for_loss=self.model.training)

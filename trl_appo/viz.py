@@ -82,6 +82,8 @@ def load_branch_trees(output_dir: str | os.PathLike, step: int | None = None) ->
             for line in fh:
                 if line.strip():
                     rec = json.loads(line)
+                    if not isinstance(rec, dict):  # JSON, but not a record (a list, a number): not a branch tree
+                        continue
                     if step is None or rec.get("step") == step:
                         rec["file"] = f.name
                         records.append(rec)

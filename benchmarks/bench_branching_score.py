@@ -1,5 +1,5 @@
 """Benchmark: ``trl_appo.core.branching_score`` (O(T) blocked scan) vs the public release's form (an explicit
-T×T discount matrix per row, APPO_SPEC §8 defect 7).
+T×T discount matrix per row, docs/algorithm.md §8 defect 7).
 
     python benchmarks/bench_branching_score.py            # B=64, T in {1024, 4096, 8192}
     python benchmarks/bench_branching_score.py --quick    # smoke run: B=4, T in {256, 512}

@@ -209,7 +209,7 @@ def branching_score() -> nbformat.NotebookNode:
         new_markdown_cell(
             "# The Branching Score on a real rollout\n\n"
             "APPO branches where a rollout's path really forked. For every token t the policy generated it combines two "
-            "signals (APPO_SPEC §1):\n\n"
+            "signals (docs/algorithm.md §1):\n\n"
             "* **entropy** H_t of the policy's full next-token distribution — the policy was *unsure* here;\n"
             "* **future likelihood gain** Ω_t = clip(exp(Σ_{k≥t} γ^{k−t} m_k (log π_θ(a_k) − log π_old(a_k))), "
             "1−ε_Ω, 1+ε_Ω) — how much the updates since sampling made *the rest of this trajectory* more likely;\n\n"

@@ -85,7 +85,7 @@ def test_recipe_builds_on_cpu(script, path, tmp_path):
         got = getattr(got, "value", got)  # enums (lr_scheduler_type, save_strategy, ...)
         assert got == value or str(got) == str(value), (key, got, value)
 
-    # The paper's budget split and loss constants, which every header claims to follow (APPO_SPEC §5).
+    # The paper's budget split and loss constants, which every header claims to follow (docs/algorithm.md §5).
     assert (training_args.num_roots, training_args.num_branches, training_args.num_generations) == (4, 3, 16)
     assert training_args.temperature == 1.0 and training_args.beta == 0.0
     assert (training_args.epsilon, training_args.epsilon_high, training_args.delta) == (0.2, 0.28, 3.0)

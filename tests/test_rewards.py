@@ -1,4 +1,4 @@
-r"""Behaviour of the reward functions (APPO_SPEC §6), on hand-made completions and on the real ARPO golds."""
+r"""Behaviour of the reward functions (docs/algorithm.md §6), on hand-made completions and on the real ARPO golds."""
 
 from __future__ import annotations
 

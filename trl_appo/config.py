@@ -1,10 +1,10 @@
-"""`APPOConfig`: GRPOConfig plus the APPO fields of APPO_SPEC §1-§5, validated at construction.
+"""`APPOConfig`: GRPOConfig plus the APPO fields of docs/algorithm.md §1-§5, validated at construction.
 
 Budget: `num_generations` is APPO's M rollouts per prompt, split into N roots (`num_roots`) and N·B branches
 (`num_branches` = B per root), M = N·(1+B). Only the N roots enter the loss; `per_device_train_batch_size` counts
 rollout slots (roots and branches), so each micro-batch trains on `per_device_train_batch_size · N / M` root rows.
 
-Defaults follow the paper where it differs from the public release (APPO_SPEC §5). Every field's help text
+Defaults follow the paper where it differs from the public release (docs/algorithm.md §5). Every field's help text
 names the spec section and the paper's symbol.
 """
 
@@ -36,7 +36,7 @@ class APPOConfig(GRPOConfig):
     """
 
 
-    # ----- APPO defaults that differ from GRPOConfig (APPO_SPEC §4, §5) -----
+    # ----- APPO defaults that differ from GRPOConfig (docs/algorithm.md §4, §5) -----
     num_generations: int | None = field(
         default=8,
         metadata={
@@ -45,17 +45,17 @@ class APPOConfig(GRPOConfig):
         },
     )
     epsilon_high: float | None = field(
-        default=0.28, metadata={"help": "Upper clip ε_high of the surrogate (APPO_SPEC §4: 0.28)."}
+        default=0.28, metadata={"help": "Upper clip ε_high of the surrogate (docs/algorithm.md §4: 0.28)."}
     )
     delta: float | None = field(
         default=3.0,
         metadata={
-            "help": "Dual-clip constant c (APPO_SPEC §4: 3.0). TRL's `delta` caps the ratio, which for negative "
+            "help": "Dual-clip constant c (docs/algorithm.md §4: 3.0). TRL's `delta` caps the ratio, which for negative "
             "advantages is exactly PPO dual-clip; tokens with log-ratio > ln c are also excluded from FutureKL."
         },
     )
 
-    # ----- budget split (APPO_SPEC notation) -----
+    # ----- budget split (docs/algorithm.md notation) -----
     num_roots: int | None = field(
         default=None,
         metadata={"help": "N, root ('initial') rollouts per prompt. Default: M / (1 + B). Paper's best: N=4 of M=16."},
@@ -71,7 +71,7 @@ class APPOConfig(GRPOConfig):
     branch_criterion: str = field(
         default="bs",
         metadata={
-            "help": "Where to branch (APPO_SPEC §1): 'bs' (Branching Score z(H)·z(Ω)), 'entropy' (z(H) only, "
+            "help": "Where to branch (docs/algorithm.md §1): 'bs' (Branching Score z(H)·z(Ω)), 'entropy' (z(H) only, "
             "ARPO-like), 'random' (uniform over candidates, seeded), or 'none' (no branching: M independent roots, "
             "i.e. GRPO on the same budget)."
         },
@@ -96,21 +96,21 @@ class APPOConfig(GRPOConfig):
     omega_reference: str = field(
         default="behaviour",
         metadata={
-            "help": "Policy π_ref_Ω that Ω is measured against (APPO_SPEC §1): 'behaviour' (the policy that "
+            "help": "Policy π_ref_Ω that Ω is measured against (docs/algorithm.md §1): 'behaviour' (the policy that "
             "sampled the root) or 'reference' (the frozen reference model; needs beta > 0 or a PEFT model)."
         },
     )
     branch_gamma: float = field(
-        default=1.0, metadata={"help": "γ, discount of the future log-ratio sum inside Ω (APPO_SPEC §1). Default 1.0."}
+        default=1.0, metadata={"help": "γ, discount of the future log-ratio sum inside Ω (docs/algorithm.md §1). Default 1.0."}
     )
     omega_clip: float = field(
-        default=0.2, metadata={"help": "ε_Ω: Ω is clipped to [1-ε_Ω, 1+ε_Ω] (APPO_SPEC §1). Default 0.2."}
+        default=0.2, metadata={"help": "ε_Ω: Ω is clipped to [1-ε_Ω, 1+ε_Ω] (docs/algorithm.md §1). Default 0.2."}
     )
     min_branch_tokens: int = field(
         default=16,
         metadata={
             "help": "A token is a branch candidate only if at least this many tokens of max_completion_length "
-            "remain after it (APPO_SPEC §1)."
+            "remain after it (docs/algorithm.md §1)."
         },
     )
     branch_min_distance: int = field(
@@ -143,29 +143,29 @@ class APPOConfig(GRPOConfig):
         },
     )
 
-    # ----- credit assignment (APPO_SPEC §3) -----
+    # ----- credit assignment (docs/algorithm.md §3) -----
     dual_groups: bool = field(
         default=True,
         metadata={
-            "help": "Normalise root and branch rewards in separate groups (APPO_SPEC §3). False: one group of M."
+            "help": "Normalise root and branch rewards in separate groups (docs/algorithm.md §3). False: one group of M."
         },
     )
     prefix_credit: bool = field(
         default=True,
-        metadata={"help": "Add the mean advantage of branches sharing token t to root token t (APPO_SPEC §3)."},
+        metadata={"help": "Add the mean advantage of branches sharing token t to root token t (docs/algorithm.md §3)."},
     )
     procedure_scale: bool = field(
         default=True,
-        metadata={"help": "Scale per-token advantages by S = mean(1 + λ·BS⁺/max BS⁺·ρ^(s-t)) (APPO_SPEC §3)."},
+        metadata={"help": "Scale per-token advantages by S = mean(1 + λ·BS⁺/max BS⁺·ρ^(s-t)) (docs/algorithm.md §3)."},
     )
     reward_scale_discount: float = field(
-        default=0.9, metadata={"help": "ρ, distance discount of procedure-level scaling (APPO_SPEC §3). Default 0.9."}
+        default=0.9, metadata={"help": "ρ, distance discount of procedure-level scaling (docs/algorithm.md §3). Default 0.9."}
     )
     procedure_scale_weight: float = field(
-        default=1.0, metadata={"help": "λ, weight of procedure-level scaling (APPO_SPEC §3). Default 1.0."}
+        default=1.0, metadata={"help": "λ, weight of procedure-level scaling (docs/algorithm.md §3). Default 1.0."}
     )
 
-    # ----- future-aware advantage (APPO_SPEC §4) -----
+    # ----- future-aware advantage (docs/algorithm.md §4) -----
     future_kl: bool | None = field(
         default=None,
         metadata={
@@ -175,33 +175,33 @@ class APPOConfig(GRPOConfig):
     )
     future_kl_form: str = field(
         default="appo",
-        metadata={"help": "'appo': Ã = A·(1 + b·f). 'fipo': Ã = A·f (APPO_SPEC §4)."},
+        metadata={"help": "'appo': Ã = A·(1 + b·f). 'fipo': Ã = A·f (docs/algorithm.md §4)."},
     )
     future_kl_decay: float = field(
         default=64.0, metadata={"help": "Half-life in tokens of the FutureKL discount, γ_F = 2^(-1/decay). 64."}
     )
-    future_kl_clip: float = field(default=0.2, metadata={"help": "ε_f, clip of f = exp(FutureKL) (APPO_SPEC §4)."})
+    future_kl_clip: float = field(default=0.2, metadata={"help": "ε_f, clip of f = exp(FutureKL) (docs/algorithm.md §4)."})
     future_kl_clip_high_only: bool = field(
-        default=True, metadata={"help": "Clip f to [1, 1+ε_f] (True, paper) or [1-ε_f, 1+ε_f] (APPO_SPEC §4)."}
+        default=True, metadata={"help": "Clip f to [1, 1+ε_f] (True, paper) or [1-ε_f, 1+ε_f] (docs/algorithm.md §4)."}
     )
     future_kl_weight: float = field(
         default=1.0,
         metadata={
-            "help": "b in Ã = A·(1 + b·f) (APPO_SPEC §4). Note b=1 with f ≥ 1 doubles every advantage relative "
+            "help": "b in Ã = A·(1 + b·f) (docs/algorithm.md §4). Note b=1 with f ≥ 1 doubles every advantage relative "
             "to plain PPO; the paper's default, kept and documented."
         },
     )
     future_kl_safety_thresh: float = field(
         default=6.0,
-        metadata={"help": "Where A < 0 and the token ratio exceeds this, f is capped at 1 (APPO_SPEC §4)."},
+        metadata={"help": "Where A < 0 and the token ratio exceeds this, f is capped at 1 (docs/algorithm.md §4)."},
     )
 
-    # ----- rollouts and tools (APPO_SPEC §2, §6) -----
+    # ----- rollouts and tools (docs/algorithm.md §2, §6) -----
     tool_protocol: str = field(
         default="chat",
         metadata={
             "help": "Tool-call protocol: 'chat' (the chat template's tool calls, as TRL) or 'tags' (the paper's "
-            "<python>/<search> tags with <result> blocks, APPO_SPEC §6)."
+            "<python>/<search> tags with <result> blocks, docs/algorithm.md §6)."
         },
     )
     max_tool_calls: int | None = field(

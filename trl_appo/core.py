@@ -1,4 +1,4 @@
-"""Pure tensor mathematics of APPO (APPO_SPEC §1, §3, §4). Torch only: no model, tokenizer or trainer.
+"""Pure tensor mathematics of APPO (docs/algorithm.md §1, §3, §4). Torch only: no model, tokenizer or trainer.
 
 What this module owns, one function per idea:
 
@@ -23,7 +23,7 @@ Conventions shared by every function:
   thousands of bf16 values in bf16 is meaningless). Outputs use that compute dtype.
 * Nothing returns NaN, including for empty batches, empty rows, singleton or zero-variance groups.
 
-Deviations from the paper / public release (see APPO_SPEC §8), stated once here:
+Deviations from the paper / public release (see docs/algorithm.md §8), stated once here:
 
 * Suffix sums are a blocked O(T) scan (release: a T×T decay matrix per row, O(T²) time and memory).
 * Selection fills (§1 "fill by descending BS, then by descending entropy") are read as tiers: strict candidates
@@ -265,7 +265,7 @@ def _suffix_scan(y: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def discounted_suffix_sum(x: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Discounted suffix sum, APPO_SPEC §1 (Ω exponent) and §4 (FutureKL).
+    """Discounted suffix sum, docs/algorithm.md §1 (Ω exponent) and §4 (FutureKL).
 
     ``out[b, t] = Σ_{k≥t} gamma^(k−t) · mask[b, k] · x[b, k]``
 
@@ -342,7 +342,7 @@ def branching_score(
     log_ratio_clamp: float = 20.0,
     degenerate_tol: float = 1e-6,
 ) -> BranchingScore:
-    """Branching Score, APPO_SPEC §1.
+    """Branching Score, docs/algorithm.md §1.
 
     Ω_t = clip(exp(clamp(Σ_{k≥t} γ^{k−t} m_k (logp_current_k − logp_reference_k), ±log_ratio_clamp)),
     1 − omega_clip, 1 + omega_clip); z(x) = (x − mean) / (std + eps) over the row's model tokens (population std);
@@ -401,7 +401,7 @@ def branch_candidates(
     min_branch_tokens: int = 1,
     whitespace_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Tokens that may be branched at, APPO_SPEC §1 candidate rules.
+    """Tokens that may be branched at, docs/algorithm.md §1 candidate rules.
 
     A branch keeps tokens 0..s and resamples from s+1, so token s is a candidate iff
     model token ∧ not whitespace-only ∧ s < length − 1 (not the final token: nothing left to resample)
@@ -527,7 +527,7 @@ def select_branch_points(
     generator: torch.Generator | None = None,
     entropy: torch.Tensor | None = None,
 ) -> BranchPoints:
-    """Choose branch points, APPO_SPEC §1 (selection) and the ablation criteria.
+    """Choose branch points, docs/algorithm.md §1 (selection) and the ablation criteria.
 
     Ranking (``criterion``, from ``BRANCH_CRITERIA``):
       * "bs": strict candidates (z_H>0 ∧ z_Ω>0) by BS desc (code 0); then candidates with BS>0 by BS desc (code 1);
@@ -738,7 +738,7 @@ def dual_group_advantages(
     dual_groups: bool = True,
     multi_objective_aggregation: str = "sum_then_normalize",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dual-group advantages Â_i (roots) and Â_b (branches), APPO_SPEC §3.
+    """Dual-group advantages Â_i (roots) and Â_b (branches), docs/algorithm.md §3.
 
     Roots and branches come from different policies, so with ``dual_groups`` each prompt's N roots form one group
     and its N·B branches another, each centred and scaled exactly as TRL 1.16's GRPOTrainer does: weighted
@@ -830,7 +830,7 @@ def branch_credit(
     prefix_credit: bool = True,
     procedure_scale: bool = True,
 ) -> torch.Tensor:
-    """Per-token advantage of the roots, APPO_SPEC §3.
+    """Per-token advantage of the roots, docs/algorithm.md §3.
 
     A_{i,t} = (Â_i + mean_{b∈C_{i,t}} Â_b) · S_{i,t}, C_{i,t} = branches of root i with s_b ≥ t (s_b = −1 never
     qualifies: such a branch shares no prefix), S_{i,t} = mean_{b∈C_{i,t}} (1 + λ · BS_b⁺ / max BS⁺ · ρ^{s_b−t}),
@@ -1062,7 +1062,7 @@ def future_kl_weights(
     form: str = "appo",
     log_ratio_clamp: float = 20.0,
 ) -> FutureKLWeights:
-    """Future-aware advantage multiplier, APPO_SPEC §4.
+    """Future-aware advantage multiplier, docs/algorithm.md §4.
 
     δ_k = clamp(logp_current_k − logp_old_k, ±log_ratio_clamp); tokens with δ_k > ln c (c = ``dual_clip_c``) are
     left out of the sum (None: none left out); FutureKL_t = Σ_{k≥t} γ_F^{k−t} m_k δ_k with γ_F = 2^(−1/decay);

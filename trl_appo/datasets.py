@@ -35,7 +35,7 @@ TAG_PROTOCOL_SYSTEM_PROMPT = (
     "<think> reasoning </think> <answer> The final answer is \\[ \\boxed{answer here} \\] </answer>. "
     "In the answer, put the exact final answer inside \\boxed{} in LaTeX format."
 )
-"""Our rendering of the paper's tag-protocol system prompt (APPO_SPEC §6): think / search / python / result /
+"""Our rendering of the paper's tag-protocol system prompt (docs/algorithm.md §6): think / search / python / result /
 answer with ``\\boxed{}``. Same instructions and example as the release's prompt, with ``\\boxed`` intact."""
 
 ARPO_COLUMNS = ("prompt", "reward_model", "data_source")

@@ -10,7 +10,7 @@ Gold answers are read, per row, from the first of these keyword columns that is 
 a number, or a list of accepted aliases (the best alias counts). A row whose gold is empty or
 whitespace cannot be scored: its reward is ``None`` (TRL turns it into NaN) and a warning is logged once.
 
-Rewards (APPO_SPEC §6):
+Rewards (docs/algorithm.md §6):
 
 * :func:`format_f1_reward` — the ARPO/APPO reward: −1 on bad tag format, else token-F1 of the boxed
   answer against the gold (SQuAD normalisation), +0.1 when F1 > 0 and both ``<python>`` and
@@ -48,10 +48,10 @@ TOOL_TAGS = ("python", "search")
 """Tool-call tags of the paper's protocol; the environment answers each with a ``<result>`` block."""
 
 TOOL_BONUS = 0.1
-"""Added to a positive F1 when both tools were used (APPO_SPEC §6)."""
+"""Added to a positive F1 when both tools were used (docs/algorithm.md §6)."""
 
 FORMAT_PENALTY = -1.0
-"""Reward of a completion whose tag format is wrong (APPO_SPEC §6)."""
+"""Reward of a completion whose tag format is wrong (docs/algorithm.md §6)."""
 
 MATH_DATA_SOURCES = frozenset(
     {
@@ -253,7 +253,7 @@ def exact_match(prediction: str, gold: str) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Format of the tag protocol (APPO_SPEC §6)
+# Format of the tag protocol (docs/algorithm.md §6)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -619,7 +619,7 @@ def _format_gated(
 
 
 def format_f1_reward(prompts=None, completions=None, completion_ids=None, **kwargs) -> list[float | None]:
-    r"""The ARPO/APPO reward (APPO_SPEC §6): format gate, token F1 of the boxed answer, tool-use bonus.
+    r"""The ARPO/APPO reward (docs/algorithm.md §6): format gate, token F1 of the boxed answer, tool-use bonus.
 
     Returns per row: −1.0 when :func:`check_format` fails (unpaired think tags, not exactly one answer
     block, a tool call without its result, no ``\boxed{}`` in the answer); otherwise the SQuAD token F1 of

@@ -131,7 +131,7 @@ class APPOScriptArguments(ScriptArguments):
     reward_funcs: list[str] = field(
         default_factory=lambda: ["format_f1"],
         metadata={
-            "help": f"Reward functions, summed with APPOConfig.reward_weights: {sorted(REWARD_FUNCS)} (APPO_SPEC §6: "
+            "help": f"Reward functions, summed with APPOConfig.reward_weights: {sorted(REWARD_FUNCS)} (docs/algorithm.md §6: "
             "'format_f1' is the paper's; 'format_answer_type' scores math by equivalence instead of F1), a function "
             "name of trl_appo.rewards, or a dotted import path 'pkg.module.fn'."
         },

@@ -328,7 +328,7 @@ def ideal_completion(task: Task) -> str:
     r"""The ideal tag-protocol transcript of an arithmetic task:
     ``<python>CODE</python> <result>\nANSWER\n</result><answer>\boxed{ANSWER}</answer>``.
 
-    The `` <result>\n…\n</result>`` part is what the tag protocol's environment appends (APPO_SPEC §6).
+    The `` <result>\n…\n</result>`` part is what the tag protocol's environment appends (docs/algorithm.md §6).
     """
     if task.code is None:
         raise ValueError(f"no ideal transcript for {task.kind} tasks (their tool output depends on the search backend)")

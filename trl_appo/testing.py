@@ -22,7 +22,7 @@ from collections.abc import Iterable
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Added as ordinary (non-special) tokens, as Qwen does, so they survive `decode(skip_special_tokens=True)`.
 TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
-# The paper's tag protocol (APPO_SPEC §6). Single tokens keep the tiny demo's sequences short.
+# The paper's tag protocol (docs/algorithm.md §6). Single tokens keep the tiny demo's sequences short.
 TAG_TOKENS = ["<python>", "</python>", "<search>", "</search>", "<result>", "</result>", "<answer>", "</answer>"]
 
 # Qwen2's pre-tokenisation regex (transformers' tokenization_qwen2.PRETOKENIZE_REGEX).

@@ -1,6 +1,6 @@
 """`APPOTrainer`: APPO inside TRL's GRPO loop. This module orchestrates; every formula lives in `trl_appo.core`.
 
-How one step flows (APPO_SPEC §1-§4), and which TRL hook carries it:
+How one step flows (docs/algorithm.md §1-§4), and which TRL hook carries it:
 
 * Roots. `_generate_and_score_completions` keeps the N root slots of each prompt's M and calls `super()` on them
   with the group size temporarily N. TRL then generates through our rollout engine (passed to TRL as its
@@ -18,7 +18,7 @@ How one step flows (APPO_SPEC §1-§4), and which TRL hook carries it:
   the same forward pass TRL's loss uses (one forward: the log-probs are handed to `super()` through a one-shot
   cache in `_get_per_token_logps_and_entropies`).
 
-Deviations from the public release are listed in APPO_SPEC §8 and docs; the ones this module owns: Ω compares
+Deviations from the public release are listed in docs/algorithm.md §8 and docs; the ones this module owns: Ω compares
 the current policy with the behaviour policy (never two computations of the same weights), entropies are full-
 vocabulary, a branch's tool budget counts only its completion, and branch rows get no forward/backward pass.
 """

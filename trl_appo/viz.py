@@ -5,7 +5,7 @@ What this module owns:
 * ``load_branch_trees``          — the JSONL records ``APPOTrainer`` writes with ``log_branch_trees=True``
   (``<output_dir>/branch_trees/step_*.jsonl``, one JSON object per root rollout).
 * ``render_trajectory_html``     — one root rollout token by token: background = Branching Score (diverging
-  colormap, APPO_SPEC §1), tool output greyed (model_mask 0: never trained on, never branched at), branch points
+  colormap, docs/algorithm.md §1), tool output greyed (model_mask 0: never trained on, never branched at), branch points
   boxed with a superscript "rank:score" and a tooltip holding the branch's reward and continuation.
 * ``render_trajectory_png``      — the same rollout as a matplotlib figure: wrapped token boxes coloured by BS,
   and a panel with z(H), z(Ω), BS along the sequence, branch points as vertical lines, tool spans shaded.

@@ -1,4 +1,4 @@
-"""`RolloutEngine`: the multi-turn tool loop over token ids, from the prompt or from any prefix (APPO_SPEC §2).
+"""`RolloutEngine`: the multi-turn tool loop over token ids, from the prompt or from any prefix (docs/algorithm.md §2).
 
 The engine owns the loop and the bookkeeping; the format of calls and results is the protocol's
 (`rollout.protocols`), the execution of calls is the registry's (`tools.base`), and generation is a pluggable

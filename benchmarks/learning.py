@@ -523,6 +523,7 @@ def main(argv=None) -> int:
     p.add_argument("--report", action="store_true", help="only aggregate the saved runs")
     p.add_argument("--out-dir", type=Path, default=None, help="where runs go (default results/learning)")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "trl_appo" / "bench")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON and the picture go")
     p.add_argument("--_run", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     s = Settings.quick() if a.quick else Settings()
@@ -541,8 +542,9 @@ def main(argv=None) -> int:
     if not a.report:
         run_grid(variants, s, runs_dir, a.cache_dir, a.workers, a.force, a.quick)
     suffix = "_quick" if a.quick else ""
-    md = write_report(runs_dir, RESULTS_DIR / f"learning{suffix}.json", RESULTS_DIR / f"learning_curves_v2{suffix}.png",
-                      None if a.quick else HERE / "README.md")
+    a.results_dir.mkdir(parents=True, exist_ok=True)
+    md = write_report(runs_dir, a.results_dir / f"learning{suffix}.json",
+                      a.results_dir / f"learning_curves_v2{suffix}.png", None if a.quick else HERE / "README.md")
     print(md)
     return 0
 

@@ -51,3 +51,24 @@ def test_compare_quick_writes_results(tmp_path):
         assert all(0.0 <= p["pass@1"] <= 1.0 for p in curve)
     assert "appo_bs_per_update" in result["analysis"]
     assert plot.exists() and plot.stat().st_size > 0
+
+
+def test_learning_quick_runs_every_kind_of_variant(tmp_path):
+    """benchmarks/learning.py --quick: GRPO, the paper's APPO and a suffix variant run and are aggregated."""
+    script = ROOT / "benchmarks" / "learning.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    variants = "grpo,appo_paper_n4b1,suffix_local_resample_n4b1"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick", "--variants", variants, "--out-dir", str(tmp_path / "runs"),
+         "--results-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    agg = json.loads((tmp_path / "learning_quick.json").read_text())
+    assert set(agg["variants"]) == set(variants.split(","))
+    for run in agg["runs"]:
+        assert [c["step"] for c in run["curve"]] == [0, 2]
+        assert all(0.0 <= c["pass@1"] <= 1.0 and c["decoded_tokens"] >= 0 for c in run["curve"])
+    suffix = next(r for r in agg["runs"] if r["variant"] == "suffix_local_resample_n4b1")
+    assert suffix["appo_metrics"]["appo/branch_loss_tokens"] > 0  # branch rows really reached the loss
+    assert (tmp_path / "learning_curves_v2_quick.png").stat().st_size > 0

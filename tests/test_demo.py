@@ -35,6 +35,11 @@ def test_format_trajectory_marks_branch_points_after_their_token():
     assert "\033[1;35m⟨BP1⟩\033[0m" in coloured and "\033[2m" in coloured  # markers bold, tool output dimmed
 
 
+def test_format_trajectory_shows_question_and_gold():
+    rec = {**_record(), "question": "What is 4 * 5?", "answer": "20"}
+    assert "question: 'What is 4 * 5?'  gold answer: '20'" in demo.format_trajectory(rec)
+
+
 def test_format_trajectory_without_branch_points():
     rec = _record()
     rec["branches"] = [{"position": -1, "strict": False, "fallback": 3, "score": 0.0, "reward": 0.0, "text": "x"}]
@@ -125,7 +130,9 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     metrics = json.loads((report / "metrics.json").read_text())
     b = next(v for k, v in metrics["parts"].items() if k.startswith("B"))
     assert b["ran"] and b["branch_points_per_root"] > 0
+    assert 0.0 <= b["heldout_after_grpo"]["pass@1"] <= 1.0  # GRPO from the same warm start, beside APPO
     assert list((tmp_path / "tiny" / "branch_trees").glob("step_*.jsonl"))
+    assert (tmp_path / "tiny" / "final" / "config.json").exists()  # saved for `trl-appo eval`
 
 
 @pytest.mark.parametrize("steps", [1, 3, 5, 10])

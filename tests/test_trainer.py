@@ -283,6 +283,7 @@ def test_resumed_run_continues_like_the_uninterrupted_run(tiny_tokenizer, tmp_pa
     resumed = run(tmp_path / "half", resume=str(ckpt))
     card = (tmp_path / "half" / "README.md").read_text()
     assert "## APPO settings" in card and "criterion `random`" in card  # the model card names APPO's settings
+    assert "Base model: a `qwen2` model passed as an object" in card  # ... and the base model, even as an object
     step3 = [e for e in full.state.log_history if e.get("step") == 3 and "loss" in e][0]
     step3_resumed = [e for e in resumed.state.log_history if e.get("step") == 3 and "loss" in e][0]
     for key in ("loss", "grad_norm", "reward", "appo/branch_reward", "appo/branch_position_rel", "appo/credit_abs_mean"):

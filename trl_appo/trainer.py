@@ -568,20 +568,36 @@ class APPOTrainer(GRPOTrainer):
                 self._appo_generator.set_state(state["generator"])
                 self._appo_branch_step = state["branch_step"]
 
+    def _base_model_description(self) -> str:
+        """The base model's hub id or path, or, for a model passed as an object built in code, what it is."""
+        model = self.accelerator.unwrap_model(self.model)
+        config = getattr(model, "config", None)
+        name = getattr(config, "_name_or_path", "") if config is not None else ""
+        if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+            name = name or getattr(model.get_base_model().config, "_name_or_path", "")
+        if name:
+            return f"`{name}`"
+        params = sum(p.numel() for p in model.parameters())
+        kind = getattr(config, "model_type", type(model).__name__)
+        return f"a `{kind}` model passed as an object ({type(model).__name__}, {params:,} parameters, no hub id)"
+
     def create_model_card(self, *args, **kwargs):
         super().create_model_card(*args, **kwargs)
         a = self.args
         path = Path(a.output_dir) / "README.md"
         if path.exists() and self.accelerator.is_main_process:
             settings = (
-                f"\n\n## APPO settings\n\nTrained with APPO (Agentic Procedural Policy Optimization, arXiv 2606.12384) "
+                f"\n\n## APPO settings\n\nBase model: {self._base_model_description()}.\n\n"
+                f"Trained with APPO (Agentic Procedural Policy Optimization, arXiv 2606.12384) "
                 f"via `trl_appo`: M={a.num_generations} rollouts per prompt = N={a.num_roots} roots × (1 + "
                 f"B={a.num_branches} branches); criterion `{a.branch_criterion}`, selection `{a.branch_selection}`, "
                 f"schedule `{a.branch_schedule}`, Ω vs `{a.omega_reference}` (γ={a.branch_gamma}, ε_Ω={a.omega_clip}); "
                 f"dual groups {a.dual_groups}, prefix credit {a.prefix_credit}, procedure scaling {a.procedure_scale} "
                 f"(ρ={a.reward_scale_discount}, λ={a.procedure_scale_weight}); future-KL {a.future_kl} (form "
                 f"`{a.future_kl_form}`, decay {a.future_kl_decay}, ε_f={a.future_kl_clip}, b={a.future_kl_weight}); "
-                f"dual-clip c={a.delta}; tool protocol `{a.tool_protocol}`, max tool calls {a.max_tool_calls}.\n"
+                f"dual-clip c={a.delta}; branch loss `{a.branch_loss}` (advantage `{a.branch_advantage}`), branch "
+                f"point token `{a.branch_point_token}`; tool protocol `{a.tool_protocol}`, max tool calls "
+                f"{a.max_tool_calls}.\n"
             )
             text = path.read_text()
             if "## APPO settings" not in text:

@@ -635,7 +635,7 @@ def _setup_environment() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*per_update.*")
-    for name in ("transformers", "trl", "peft", "accelerate"):
+    for name in ("transformers", "trl", "peft", "accelerate", "bitsandbytes.backends.cpu.ops"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging

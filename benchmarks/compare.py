@@ -144,36 +144,14 @@ class Resources:
         self.tokenizer = build_tiny_tokenizer(chat_template=MINI_CHAT_TEMPLATE)
         self.data = tasks.make_tiny_tasks(s.n_train, s.heldout, seed=0)
         self.tools = [PythonTool()]
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        from learning import warm_state  # one warm start for both benchmarks (same settings, same cache key)
+
         path = cache_dir / f"warm_{s.warm_key()}.pt"
         self.warm_start = {"cache": str(path), "cached": path.exists()}
-        if path.exists():
-            self.state = torch.load(path, weights_only=True)
-            log(f"[warm start] loaded cached weights {path}")
-        else:
-            t0 = time.perf_counter()
-            model = self.new_model(load=False)
-            from trl_appo.sft import sft_warm_start, tag_transcript_example
-
-            rows = tasks.make_sft_transcripts(s.sft_rows, seed=s.warm_seed + 1)
-            tok = self.tokenizer
-            examples = [
-                tag_transcript_example(
-                    tok, tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False),
-                    r["completion"][0]["content"],
-                )
-                for r in rows
-            ]
-            hist = sft_warm_start(model, tok, examples, steps=s.sft_steps, lr=s.sft_lr, seed=s.warm_seed,
-                                  progress=False)
-            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            tmp = path.with_suffix(".tmp")
-            torch.save(self.state, tmp)
-            os.replace(tmp, path)
-            self.warm_start.update(seconds=round(time.perf_counter() - t0, 1),
-                                   final_loss=round(statistics.fmean(hist.loss[-10:]), 4))
-            log(f"[warm start] SFT {s.sft_steps} steps in {self.warm_start['seconds']} s, loss "
-                f"{self.warm_start['final_loss']}; cached at {path}")
+        t0 = time.perf_counter()
+        self.state = warm_state(s, cache_dir, log)
+        if not self.warm_start["cached"]:
+            self.warm_start["seconds"] = round(time.perf_counter() - t0, 1)
 
     def new_model(self, load: bool = True):
         import torch

@@ -187,6 +187,7 @@ def warm_state(s: Settings, cache_dir: Path, log=print):
 
     path = cache_dir / f"warm_{s.warm_key()}.pt"
     if path.exists():
+        log(f"[warm start] loaded cached weights {path}")
         return torch.load(path, weights_only=True)
     tok = tokenizer()
     model = new_model(s, tok, None)
@@ -197,8 +198,9 @@ def warm_state(s: Settings, cache_dir: Path, log=print):
         for r in rows
     ]
     t0 = time.perf_counter()
-    sft_warm_start(model, tok, examples, steps=s.sft_steps, lr=s.sft_lr, seed=s.warm_seed, progress=False)
-    log(f"[warm start] SFT {s.sft_steps} steps in {time.perf_counter() - t0:.0f} s -> {path}")
+    hist = sft_warm_start(model, tok, examples, steps=s.sft_steps, lr=s.sft_lr, seed=s.warm_seed, progress=False)
+    log(f"[warm start] SFT {s.sft_steps} steps in {time.perf_counter() - t0:.0f} s, final loss "
+        f"{statistics.fmean(hist.loss[-10:]):.4f} -> {path}")
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     cache_dir.mkdir(parents=True, exist_ok=True)
     torch.save(state, path.with_suffix(".tmp"))

@@ -68,7 +68,8 @@ class Recorder:
 
 
 def test_branches_share_the_root_prefix_and_only_roots_are_trained(tiny_model, tiny_tokenizer, tmp_path):
-    trainer = make_trainer(tiny_model, tiny_tokenizer, make_args(tmp_path))
+    # the paper's branch_loss="none": branches only give credit (the suffix loss is tested in test_branching.py)
+    trainer = make_trainer(tiny_model, tiny_tokenizer, make_args(tmp_path, branch_loss="none"))
     runs = Recorder(trainer._appo_engine, "run")
     batches = Recorder(trainer, "_generate_and_score_completions")
     forwards = Recorder(trainer, "_get_per_token_logps_and_entropies")
@@ -101,7 +102,7 @@ def test_branches_share_the_root_prefix_and_only_roots_are_trained(tiny_model, t
 
 
 def test_advantages_equal_core_functions_on_same_rewards(tiny_model, tiny_tokenizer, tmp_path):
-    trainer = make_trainer(tiny_model, tiny_tokenizer, make_args(tmp_path, procedure_scale=False))
+    trainer = make_trainer(tiny_model, tiny_tokenizer, make_args(tmp_path, procedure_scale=False, branch_loss="none"))
     credit = Recorder(core, "branch_credit")
     dual = Recorder(core, "dual_group_advantages")
     try:

@@ -125,12 +125,13 @@ class APPOConfig(GRPOConfig):
         },
     )
     branch_loss: str = field(
-        default="none",
+        default="suffix",
         metadata={
-            "help": "Do branches enter the loss? 'none' (paper: branches only give credit to the roots' prefixes; "
-            "each step trains on the N roots) or 'suffix' (beyond the paper: each branch's own tokens after its "
-            "point are trained like a root's, with its branch advantage and the same future-KL weight; the copied "
-            "prefix never is). With 'suffix' a step trains on all M rollouts per prompt, as GRPO does."
+            "help": "Do branches enter the loss? 'suffix' (default, beyond the paper: each branch's own tokens after "
+            "its point are trained like a root's, with its branch advantage and the same future-KL weight; the "
+            "copied prefix never is; a step trains on all M rollouts per prompt, as GRPO does) or 'none' (the "
+            "paper: branches only give credit to the roots' prefixes; each step trains on the N roots). Chosen by "
+            "benchmarks/learning.py: 'none' learned least (README, Benchmarks)."
         },
     )
     branch_advantage: str = field(

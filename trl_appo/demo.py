@@ -600,7 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="appo-demo", help="Where runs and report/ go. Default ./appo-demo.")
     p.add_argument("--seed", type=int, default=0, help="Seed. Default 0.")
     p.add_argument("--a-steps", type=int, default=None, help="APPO steps of Part A (default 6; quick 1).")
-    p.add_argument("--b-steps", type=int, default=None, help="RL steps of Part B, for APPO and for GRPO (default 150; quick 16).")
+    p.add_argument("--b-steps", type=int, default=None,
+                   help="RL steps of Part B, for APPO and for GRPO (default 150; quick 16).")
     p.add_argument("--b-sft-steps", type=int, default=None, help="SFT warm-start steps of Part B (default 160).")
     p.add_argument("--b-lr", type=float, default=None, help="APPO learning rate of Part B (default 1e-4).")
     p.add_argument("--threads", type=int, default=None,

@@ -166,7 +166,8 @@ def quickstart() -> nbformat.NotebookNode:
         ),
         new_markdown_cell(
             "### The advantage each token received\n\n"
-            "docs/algorithm.md §3: A_{i,t} = (Â_i + mean_{b: s_b ≥ t} Â_b) · S_{i,t}. Tokens up to a branch point share the "
+            "docs/algorithm.md §3: A_{i,t} = (Â_i + mean_{b sharing t} Â_b) · S_{i,t}. Tokens a branch shares with its root "
+            "(those before the point; the point itself too when `branch_point_token=\"keep\"`) share the "
             "outcome of the branches that continue after them; tokens after the last branch point get the root's "
             "advantage Â_i alone. (At loss time the future-aware weight `1 + b·f` multiplies this once more.) "
             "Same picture, coloured by advantage:"
@@ -178,7 +179,8 @@ def quickstart() -> nbformat.NotebookNode:
             "print(\"root reward\", round(record[\"reward\"], 3), \"| branch rewards\",\n"
             "      [round(b[\"reward\"], 3) for b in record[\"branches\"]], \"| branch points\", points)\n"
             "mask = record[\"model_mask\"]\n"
-            "segments = [0] + [p + 1 for p in points] + [len(mask)]\n"
+            "shared = 1 if record[\"point_token\"] == \"keep\" else 0  # does a branch share its point token?\n"
+            "segments = [0] + [p + shared for p in points] + [len(mask)]\n"
             "for lo, hi in zip(segments, segments[1:]):\n"
             "    vals = [a for a, m in zip(advantage[lo:hi], mask[lo:hi]) if m]\n"
             "    if vals:\n"

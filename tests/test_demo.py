@@ -35,6 +35,12 @@ def test_format_trajectory_marks_branch_points_after_their_token():
     assert "\033[1;35m⟨BP1⟩\033[0m" in coloured and "\033[2m" in coloured  # markers bold, tool output dimmed
 
 
+def test_format_trajectory_marks_a_resampled_point_before_its_token():
+    text = demo.format_trajectory({**_record(), "point_token": "resample"})
+    assert "⟨BP1⟩<answer>\\boxed{" in text and "print(⟨BP2⟩4*5)" in text  # the branch re-decided that token
+    assert "⟨BP1⟩ at token 11 '<answer>'" in text
+
+
 def test_format_trajectory_shows_question_and_gold():
     rec = {**_record(), "question": "What is 4 * 5?", "answer": "20"}
     assert "question: 'What is 4 * 5?'  gold answer: '20'" in demo.format_trajectory(rec)

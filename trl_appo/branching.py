@@ -478,6 +478,7 @@ def branch_tree_records(trainer, view: RootView, bs, pts, branches, branch_rewar
             "omega_z": bs.z_omega[r, :n].tolist(),
             "bs": bs.scores[r, :n].tolist(),
             "degenerate": bool(bs.degenerate[r]),
+            "point_token": trainer.args.branch_point_token,  # "keep": the branch kept token s; "resample": re-decided it
             "reward": float(root_rewards[r]),
             "credit": credit[r, :n].tolist(),
             "branches": [

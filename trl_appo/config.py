@@ -118,10 +118,11 @@ class APPOConfig(GRPOConfig):
     )
 
     branch_point_token: str = field(
-        default="keep",
+        default="resample",
         metadata={
-            "help": "What a branch does with the chosen token s: 'keep' (public release: keep 0..s, resample from "
-            "s+1; the prefix credit reaches s) or 'resample' (keep 0..s-1 and re-decide s itself; credit reaches s-1)."
+            "help": "What a branch does with the chosen token s: 'resample' (default: keep 0..s-1 and re-decide s "
+            "itself; the prefix credit reaches s-1) or 'keep' (public release: keep 0..s, resample from s+1; "
+            "credit reaches s). Chosen by benchmarks/learning.py: re-deciding the uncertain token learned most."
         },
     )
     branch_loss: str = field(

@@ -89,10 +89,12 @@ def _ranked_branches(record: Mapping[str, Any]) -> list[tuple[int, dict]]:
 def format_trajectory(record: Mapping[str, Any], color: bool = False, max_branch_chars: int = 160) -> str:
     """One root rollout as text with its branch points marked `⟨BPk⟩` (k = rank by score), tool output dimmed.
 
-    A branch keeps the root's tokens up to and including the marked one and re-samples everything after it,
-    so the marker is placed right after its token. Below the text, one line per branch point: position, score,
-    the root's reward vs the branch's, and the start of the branch's continuation.
+    The marker stands where the branch starts re-sampling: right after the chosen token when the branch kept it
+    (``point_token="keep"``), right before it when the branch re-decided it (``"resample"``, the default); the
+    branch shares everything before the marker. Below the text, one line per branch point: position, score, the
+    root's reward vs the branch's, and the start of the branch's continuation.
     """
+    before = record.get("point_token") == "resample"
     texts = record.get("token_text") or record.get("tokens") or []
     mask = record.get("model_mask") or [1] * len(texts)
     ranked = _ranked_branches(record)
@@ -104,10 +106,8 @@ def format_trajectory(record: Mapping[str, Any], color: bool = False, max_branch
         piece = t
         if color and not mask[i]:
             piece = f"{_TOOL_STYLE}{t}{_RESET}"
-        out.append(piece)
-        for rank in marks.get(i, []):
-            tag = f"⟨BP{rank}⟩"
-            out.append(f"{_BP_STYLE}{tag}{_RESET}" if color else tag)
+        tags = [f"{_BP_STYLE}⟨BP{rank}⟩{_RESET}" if color else f"⟨BP{rank}⟩" for rank in marks.get(i, [])]
+        out.extend([*tags, piece] if before else [piece, *tags])
     head = f"root reward {float(record.get('reward', float('nan'))):+.2f}"
     if "step" in record:
         head = f"step {record['step']}, group {record.get('group', '?')}, " + head
@@ -125,7 +125,7 @@ def format_trajectory(record: Mapping[str, Any], color: bool = False, max_branch
             cont = cont[:max_branch_chars] + "…"
         tier = "strict" if b.get("strict") else f"fallback {b.get('fallback')}"
         lines.append(
-            f"  ⟨BP{rank}⟩ after token {pos} {at!r}: BS {float(b.get('score', 0.0)):+.2f} ({tier}), "
+            f"  ⟨BP{rank}⟩ {'at' if before else 'after'} token {pos} {at!r}: BS {float(b.get('score', 0.0)):+.2f} ({tier}), "
             f"branch reward {float(b.get('reward', float('nan'))):+.2f} -> {cont!r}"
         )
     if not ranked:
@@ -473,7 +473,8 @@ def print_summary(results: Sequence[PartResult], color: bool) -> None:
                   f"{n['appo_steps']} steps; one seed: differences under ~4 points are noise (benchmarks/learning.py "
                   "has 3 seeds)")
         if r.record is not None:
-            print("  one trajectory (⟨BPk⟩ = k-th branch point by Branching Score; the branch re-samples after it):")
+            print("  one trajectory (⟨BPk⟩ = k-th branch point by Branching Score; its branch shares the tokens "
+                  "before the marker and re-samples from there):")
             print("    " + format_trajectory(r.record, color=color).replace("\n", "\n    "))
 
 
@@ -576,8 +577,8 @@ def _report_md(results, s: DemoSettings, wall: float, quick: bool, files: list[s
         lines += ["", f"Seconds: {r.seconds:.0f}. Trainer output: `{r.output_dir}` (branch trees in "
                   "`branch_trees/`; view with `trl-appo inspect DIR`).", ""]
         if r.record is not None:
-            lines += ["One root rollout (`⟨BPk⟩`: k-th branch point by Branching Score; the branch keeps the tokens "
-                      "up to the marker and re-samples the rest):", "", "```", format_trajectory(r.record), "```", ""]
+            lines += ["One root rollout (`⟨BPk⟩`: k-th branch point by Branching Score; the branch shares the tokens "
+                      "before the marker and re-samples the rest):", "", "```", format_trajectory(r.record), "```", ""]
     lines += ["## Settings", "", "```", json.dumps(s.__dict__, indent=1), "```", "", "## Files", ""]
     lines += [f"* `{f}`" for f in files]
     return "\n".join(lines) + "\n"

@@ -76,6 +76,23 @@ for _adv, _extra in (("dual", {"branch_advantage": "dual_group"}),
         f"suffix_{_adv}_m16_n8b1": {**_S, "num_generations": 16, "num_roots": 8},
     })
 VARIANTS["grpo_m16"] = {**GRPO, "num_generations": 16}
+# At twice the learning rate (where GRPO learns much more): does APPO's gap persist?
+VARIANTS["appo_paper_lr2x_n4b1"] = {**VARIANTS["appo_paper_n4b1"], "learning_rate": 2e-4}
+VARIANTS["suffix_joint_lr2x_n4b1"] = {**VARIANTS["suffix_joint_n4b1"], "learning_rate": 2e-4}
+VARIANTS["suffix_local_lr2x_n4b1"] = {**VARIANTS["suffix_local_n4b1"], "learning_rate": 2e-4}
+# The best point semantics ("resample": re-decide the chosen token) with the other choices varied one at a time.
+_R = {**VARIANTS["suffix_joint_resample_n4b1"]}
+VARIANTS.update({
+    "suffix_dual_resample_n4b1": {**_R, "dual_groups": True},
+    "suffix_joint_resample_n2b3": {**_R, "num_roots": 2},
+    "suffix_joint_resample_entropy_n4b1": {**_R, "branch_criterion": "entropy"},
+    "suffix_joint_resample_random_n4b1": {**_R, "branch_criterion": "random"},
+    "suffix_joint_resample_lr2x_n4b1": {**_R, "learning_rate": 2e-4},
+    "paper_resample_n4b1": {**VARIANTS["appo_paper_n4b1"], "branch_point_token": "resample"},
+})
+# The picture shows these (when run); every variant is in the table and the JSON.
+PLOT_VARIANTS = ("grpo", "appo_paper_n4b1", "suffix_dual_n4b1", "suffix_joint_resample_n4b1", "grpo_lr2x",
+                 "appo_paper_lr2x_n4b1", "suffix_joint_resample_lr2x_n4b1")
 DEFAULT_GRID = ("grpo", "appo_paper_n4b1", "suffix_dual_n4b1", "suffix_joint_n4b1", "suffix_local_n4b1")
 
 
@@ -399,19 +416,27 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def _baseline(variant: str, num_generations: int) -> str:
+    """The GRPO run a variant is compared with: the same budget M and the same learning rate."""
+    lr = VARIANTS.get(variant, {}).get("learning_rate")
+    for name, kw in VARIANTS.items():
+        if kw.get("branch_criterion") == "none" and kw.get("learning_rate") == lr and \
+                kw.get("num_generations", Settings.num_generations) == num_generations:
+            return name
+    return "grpo"
+
+
 def aggregate(runs_dir: Path) -> dict[str, Any]:
     runs = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*__seed*.json"))]
     by: dict[str, list[dict]] = {}
     for r in runs:
         by.setdefault(r["variant"], []).append(r)
-    grpo_s = {r["seed"]: r for r in by.get("grpo", [])}
     table = {}
     for v, rs in by.items():
         rs.sort(key=lambda r: r["seed"])
         final = [r["curve"][-1]["pass@1"] for r in rs]
         start = [r["curve"][0]["pass@1"] for r in rs]
-        base = by.get("grpo_m16" if rs[0]["num_generations"] == 16 else "grpo", [])
-        base_s = {r["seed"]: r for r in base}
+        base_s = {r["seed"]: r for r in by.get(_baseline(v, rs[0]["num_generations"]), [])}
         diffs = [r["curve"][-1]["pass@1"] - base_s[r["seed"]]["curve"][-1]["pass@1"] for r in rs if r["seed"] in base_s]
         modes: dict[str, float] = {}
         for r in rs:
@@ -420,7 +445,7 @@ def aggregate(runs_dir: Path) -> dict[str, Any]:
             for k, n in fm.items():
                 modes[k] = modes.get(k, 0.0) + n / total / len(rs)
         steps = [r["curve"][-1]["step"] for r in rs]
-        grpo_wall = [grpo_s[r["seed"]]["train_seconds_per_step"] for r in rs if r["seed"] in grpo_s]
+        grpo_wall = [base_s[r["seed"]]["train_seconds_per_step"] for r in rs if r["seed"] in base_s]
         table[v] = {
             "seeds": [r["seed"] for r in rs], "M": rs[0]["num_generations"], "steps": max(steps),
             "overrides": rs[0]["overrides"],
@@ -446,7 +471,7 @@ def markdown(agg: dict[str, Any]) -> str:
     t = agg["variants"]
     order = [v for v in VARIANTS if v in t]
     lines = [
-        "| variant | M | seeds | held-out Pass@1 start → final (mean ± std, %) | per seed | Δ vs GRPO (same M, same seeds) "
+        "| variant | M | seeds | held-out Pass@1 start → final (mean ± std, %) | per seed | Δ vs GRPO (same M, lr, seeds) "
         "| train reward (last ¼) | s/step (ratio to GRPO) | decoded tok/step |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -479,7 +504,8 @@ def plot(agg: dict[str, Any], path: Path) -> None:
     for r in agg["runs"]:
         by.setdefault(r["variant"], []).append(r)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharey=True)
-    for v in [v for v in VARIANTS if v in by]:
+    shown = [v for v in PLOT_VARIANTS if v in by] or [v for v in VARIANTS if v in by]
+    for v in shown:
         rs = by[v]
         n = min(len(r["curve"]) for r in rs)
         y = np.array([[c["pass@1"] for c in r["curve"][:n]] for r in rs]) * 100

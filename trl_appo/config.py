@@ -1,11 +1,15 @@
 """`APPOConfig`: GRPOConfig plus the APPO fields of docs/algorithm.md §1-§5, validated at construction.
 
 Budget: `num_generations` is APPO's M rollouts per prompt, split into N roots (`num_roots`) and N·B branches
-(`num_branches` = B per root), M = N·(1+B). Only the N roots enter the loss; `per_device_train_batch_size` counts
-rollout slots (roots and branches), so each micro-batch trains on `per_device_train_batch_size · N / M` root rows.
+(`num_branches` = B per root), M = N·(1+B). `per_device_train_batch_size` counts rollout slots (roots and branches):
+with `branch_loss="suffix"` (default) a micro-batch trains on that many rows, roots and branches, as GRPO does;
+with the paper's `"none"` only its `per_device_train_batch_size · N / M` root rows.
 
-Defaults follow the paper where it differs from the public release (docs/algorithm.md §5). Every field's help text
-names the spec section and the paper's symbol.
+Any valid GRPOConfig shape is a valid APPOConfig shape: what the user leaves unset is derived from the shape
+(`default_split`, `steps_per_generation`, `branch_schedule`, `future_kl`), and each such choice is recorded in
+`appo_notes`, which the trainer logs once. Where the paper and this project's benchmark disagree, the default is
+the benchmark's (README, Configuration: the settings that reproduce the paper). Every field's help text names its
+section of docs/algorithm.md and the paper's symbol.
 """
 
 from __future__ import annotations

@@ -383,7 +383,7 @@ def run_part_b(out: Path, s: DemoSettings, progress: bool = True) -> PartResult:
     ]
     tools = [demo_python_tool()]
     print(f"\n== Part B: tiny Qwen2 ({n_params / 1e6:.2f}M params, vocab {len(tokenizer)}), SFT warm start "
-          f"{s.b_sft_steps} steps, then {s.b_steps} APPO steps ==")
+          f"{s.b_sft_steps} steps, then {s.b_steps} RL steps each for GRPO and APPO ==")
     hist = sft_warm_start(model, tokenizer, examples, steps=s.b_sft_steps, lr=s.b_sft_lr, seed=s.seed,
                           progress=progress, desc="SFT warm start (tag-protocol transcripts)")
     before = _heldout_eval(model, tokenizer, data["heldout"], s, tools, "before RL (after SFT)")

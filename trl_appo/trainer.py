@@ -5,22 +5,23 @@ How one step flows (docs/algorithm.md §1-§4), and which TRL hook carries it:
 * Roots. `_generate_and_score_completions` keeps the N root slots of each prompt's M and calls `super()` on them
   with the group size temporarily N. TRL then generates through our rollout engine (passed to TRL as its
   `rollout_func`: multi-turn, tools, model-token mask), computes old/ref log-probs, rewards and the root
-  advantages Â_i exactly as GRPO does (spec §3: the root half of the dual groups *is* TRL's computation).
-* Branches. `_branch_and_credit` scores the roots' model tokens with one no-grad forward of the current policy
-  (full-vocabulary entropy and log-probs), picks branch points (`core.select_branch_points`), continues each
-  prefix through the same engine (same tools, stop rules, budget), rewards the branches with the user's reward
-  functions, and turns root and branch rewards into per-token root advantages (`core.dual_group_advantages`,
-  `core.branch_credit`). Branch rows never enter the policy's forward or backward pass.
-  - `per_generation`: right after the roots.
+  advantages Â_i exactly as GRPO does (docs/algorithm.md §3: the root half of the dual groups *is* TRL's computation).
+* Branches (`trl_appo.branching.branch_and_credit`, the APPO step read top to bottom): score the roots' model
+  tokens with one no-grad forward of the current policy, pick branch points, continue each prefix through the same
+  engine, reward the branches with the user's reward functions, turn root and branch rewards into per-token root
+  advantages, and (`branch_loss="suffix"`) build loss rows of the branches' own tokens.
+  - `per_generation`: right after the roots; the branch rows join the generation batch TRL then shuffles and splits.
   - `per_update` (paper): `_prepare_inputs` keeps each prompt's roots in one optimizer step and branches them
-    just before that step, with the current weights, so Ω measures how the updates so far moved each suffix.
+    just before that step, with the current weights, so Ω measures how the updates so far moved each suffix; the
+    branch rows are shared out equally over that step's micro-batches.
 * Loss. `_compute_loss` multiplies advantages by the future-aware weight (`core.future_kl_weights`) computed from
   the same forward pass TRL's loss uses (one forward: the log-probs are handed to `super()` through a one-shot
   cache in `_get_per_token_logps_and_entropies`).
 
 Deviations from the public release are listed in docs/algorithm.md §8 and docs; the ones this module owns: Ω compares
 the current policy with the behaviour policy (never two computations of the same weights), entropies are full-
-vocabulary, a branch's tool budget counts only its completion, and branch rows get no forward/backward pass.
+vocabulary, a branch's tool budget counts only its completion, and branch rows are never forwarded with a zero mask
+(with branch_loss="none" they get no forward at all).
 """
 
 from __future__ import annotations

@@ -102,7 +102,8 @@ def test_branches_share_the_root_prefix_and_only_roots_are_trained(tiny_model, t
 
 
 def test_advantages_equal_core_functions_on_same_rewards(tiny_model, tiny_tokenizer, tmp_path):
-    trainer = make_trainer(tiny_model, tiny_tokenizer, make_args(tmp_path, procedure_scale=False, branch_loss="none"))
+    trainer = make_trainer(tiny_model, tiny_tokenizer, make_args(tmp_path, procedure_scale=False, branch_loss="none",
+                                                                        dual_groups=True))
     credit = Recorder(core, "branch_credit")
     dual = Recorder(core, "dual_group_advantages")
     try:

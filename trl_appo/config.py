@@ -151,9 +151,11 @@ class APPOConfig(GRPOConfig):
 
     # ----- credit assignment (docs/algorithm.md §3) -----
     dual_groups: bool = field(
-        default=True,
+        default=False,
         metadata={
-            "help": "Normalise root and branch rewards in separate groups (docs/algorithm.md §3). False: one group of M."
+            "help": "Normalise root and branch rewards in separate groups (paper, docs/algorithm.md §3: True) or in "
+            "one group of the prompt's M rollouts (default False). Chosen by benchmarks/learning.py: with resampled "
+            "branch tokens and branch rows in the loss, one group learned most and dual groups least."
         },
     )
     prefix_credit: bool = field(

@@ -224,7 +224,6 @@ res["descendants"] = [open(f"/proc/{p}/cmdline").read()[:80] for p in descendant
                       if os.path.exists(f"/proc/{p}")]
 # Memory summed over a call's processes: 4 x 150 MiB against a 256 MiB call limit (each under RLIMIT_AS).
 mem = PythonTool(timeout=20.0, memory_mb=256)
-t0 = time.monotonic()
 run("memory_sum", '''
 import os, time
 for _ in range(4):
@@ -234,7 +233,6 @@ for _ in range(4):
         os._exit(0)
 time.sleep(30)
 print('survived')''', mem)
-res["memory_seconds"] = time.monotonic() - t0
 # A fork bomb beside concurrent calls that each start subprocesses.
 bomb = PythonTool(timeout=4.0, max_processes=32)
 others = PythonTool(timeout=30.0, max_processes=32)
@@ -349,7 +347,8 @@ def test_leftover_processes_cannot_touch_later_calls(probes):
 def test_memory_is_summed_over_the_processes_of_a_call(probes):
     _, _, r, _, _ = probes
     assert r["memory_sum"]["memory"] and "survived" not in r["memory_sum"]["text"]
-    assert "MemoryError" in r["memory_sum"]["text"] and r["memory_seconds"] < 15
+    # killed by the summed-memory cap itself, not by running into the call's 20 s wall timeout
+    assert "MemoryError" in r["memory_sum"]["text"] and not r["memory_sum"]["timed_out"]
 
 
 def test_a_fork_bomb_does_not_starve_concurrent_calls(probes):

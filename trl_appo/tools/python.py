@@ -74,10 +74,11 @@ from typing import Any
 
 from .base import Tool, ToolOutput
 from .sandbox import SANDBOX_ROOT, SandboxUnavailable, bootstrap_source, bwrap_command, sandbox_env
-from .sandbox.bwrap import interpreter_info, probe_cached
+from .sandbox.bwrap import PRIVATE_TMPFS, interpreter_info, probe_cached
+from .sandbox.cgroup import CallCgroup, CgroupParent, find_parent
 from .sandbox.legacy import sandbox_interpreter
 from .sandbox.seccomp import seccomp_pipe, seccomp_program, with_fd
-from .sandbox.watchdog import kill_group, kill_tree, read_output
+from .sandbox.watchdog import children, kill_group, kill_tree, read_output
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,8 @@ class PythonTool(Tool):
         memory_poll_s: how often the summed memory of a call is checked.
         bwrap: path of the bubblewrap binary (default: `bwrap` on PATH).
         seccomp: add the seccomp filter of `sandbox.seccomp` (x86_64 only) under bubblewrap.
+        cgroup: under bubblewrap, give each call a cgroup v2 with ``memory.max`` = `memory_mb` where one can be
+            made (`sandbox.cgroup`; `memory_enforcement` says whether it is).
     """
 
     def __init__(
@@ -161,6 +164,7 @@ class PythonTool(Tool):
         memory_poll_s: float = 0.02,
         bwrap: str | None = None,
         seccomp: bool = True,
+        cgroup: bool = True,
     ):
         # The registry's own timeout is a backstop only: the sandbox kills its process tree first.
         super().__init__(self.python, name=name, timeout=timeout + 10.0, max_output_chars=max_output_chars + 256)
@@ -184,6 +188,7 @@ class PythonTool(Tool):
         self.tmpfs_bytes = int(tmpfs_mb) << 20
         self.memory_poll_s = memory_poll_s
         self.seccomp_program = seccomp_program() if seccomp else None
+        self.cgroup = CgroupParent(None, "the 'none' level")
         self._sessions: dict[Any, list[str]] = {}
         self._lock = threading.Lock()
         requested = (isolation or os.environ.get("APPO_PYTHON_ISOLATION") or "auto").strip().lower()
@@ -216,6 +221,7 @@ class PythonTool(Tool):
                     "or APPO_PYTHON_ISOLATION=none."
                 )
             self._isolation = "bubblewrap"
+            self.cgroup = find_parent() if cgroup else CgroupParent(None, "cgroup=False")
 
     def python(self, code: str) -> str:
         """Run Python code in a sandbox and return what it prints (stdout and stderr).
@@ -230,14 +236,35 @@ class PythonTool(Tool):
         """The isolation level achieved: "bubblewrap" or "none" (see the module docstring)."""
         return self._isolation
 
+    @property
+    def memory_enforcement(self) -> str:
+        """How a call's memory cap is enforced: "cgroup" (a cgroup v2 ``memory.max`` per call, plus the watchdog)
+        or "watchdog" (the polled sum only; `cgroup.reason` says why no cgroup)."""
+        return "cgroup" if self.cgroup.path else "watchdog"
+
+    def _call_cgroup(self) -> CallCgroup | None:
+        if not self.cgroup.path:
+            return None
+        try:
+            return CallCgroup(self.cgroup.path, self.memory_limit)
+        except OSError as exc:
+            with self._lock:
+                if self.cgroup.path:
+                    logger.warning("PythonTool: cannot make a cgroup under %s (%s); the memory watchdog alone "
+                                   "bounds calls from now on.", self.cgroup.path, exc)
+                    self.cgroup = CgroupParent(None, f"making a cgroup under {self.cgroup.path} failed: {exc}")
+            return None
+
     def describe_isolation(self) -> str:
         """One line for the trainer's log: the level and what it guarantees."""
         if self._isolation == "bubblewrap":
             who = f"uid {self.uid} in a user namespace" if self.uid is not None else "this uid in a user namespace"
             filt = "seccomp filter; " if self.seccomp_program else ""
+            memory = ("cgroup memory.max + watchdog" if self.cgroup.path
+                      else f"watchdog; no cgroup: {self.cgroup.reason}")
             return (f"{self.name}: isolation=bubblewrap ({who}; private fs, PID, network, IPC namespaces; {filt}"
-                    f"per-call limits: {self.limits['RLIMIT_NPROC']} processes, {self.memory_limit >> 20} MiB, "
-                    f"{self.wall_timeout:g} s)")
+                    f"per-call limits: {self.limits['RLIMIT_NPROC']} processes, {self.memory_limit >> 20} MiB "
+                    f"[{memory}], {self.wall_timeout:g} s)")
         extra = ", uid drop and net/PID namespaces" if self.is_root else ""
         return f"{self.name}: isolation=none (WEAK: rlimits only{extra}; the host filesystem is visible)"
 
@@ -299,6 +326,7 @@ class PythonTool(Tool):
     def run(self, code: str, history: list[str] | None = None) -> SandboxResult:
         """Execute `code` (after silently replaying `history`) in a fresh sandboxed process."""
         start = time.monotonic()
+        memory = False
         config = marshal.dumps(self._config([*(history or []), code]))
         workdir = None
         if self._isolation == "bubblewrap":
@@ -312,6 +340,7 @@ class PythonTool(Tool):
                 os.chown(workdir, self.uid, self.gid)
             popen = {"args": [self.python_executable, "-I", "-u", "-c", bootstrap_source()], "cwd": workdir,
                      "env": sandbox_env(workdir, workdir)}
+        cgroup = self._call_cgroup()
         fds: tuple[int, ...] = ()
         if self._isolation == "bubblewrap" and self.seccomp_program and not self.is_root:
             fds = (seccomp_pipe(self.seccomp_program),)
@@ -330,10 +359,19 @@ class PythonTool(Tool):
                 for fd in fds:
                     os.close(fd)
             try:
+                if cgroup is not None:  # before the bootstrap reads its configuration, so before any user code
+                    try:
+                        cgroup.add([proc.pid, *_descendants(proc.pid)])
+                    except OSError as exc:
+                        logger.warning("PythonTool: cannot move a call into %s (%s); the memory watchdog alone "
+                                       "bounds this call.", cgroup.path, exc)
+                        cgroup.close()
+                        cgroup = None
                 _feed(proc, config)
+                bubblewrap = self._isolation == "bubblewrap"
                 seen = read_output(proc, start + self.wall_timeout, self.output_limit, self.flood_kill_bytes,
-                                   self.memory_limit if self._isolation == "bubblewrap" else None,
-                                   self.memory_poll_s)
+                                   self.memory_limit if bubblewrap else None, self.memory_poll_s,
+                                   tuple((path, self.tmpfs_bytes) for path in PRIVATE_TMPFS) if bubblewrap else ())
                 kept, total, timed_out, flooded, memory = (seen.kept, seen.total, seen.timed_out, seen.flooded,
                                                            seen.memory_exceeded)
             finally:
@@ -346,6 +384,9 @@ class PythonTool(Tool):
         finally:
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
+            if cgroup is not None:
+                memory = memory or cgroup.oom_killed()
+                cgroup.close()
         text = kept.decode("utf-8", errors="replace")
         if total > len(kept):
             text += f"\n... [output truncated: {total - len(kept)} more bytes]"
@@ -358,8 +399,8 @@ class PythonTool(Tool):
         elif flooded:
             text += f"\n[process killed: output exceeded {self.flood_kill_bytes} bytes]"
         elif memory:
-            text += (f"\nMemoryError: the call's processes together used more than {self.memory_limit >> 20} MiB "
-                     "(all processes killed)")
+            text += (f"\nMemoryError: the call's processes and files together used more than "
+                     f"{self.memory_limit >> 20} MiB (all processes killed)")
         elif sig is not None:
             text += f"\n[process killed: {_SIGNAL_REASONS.get(sig, f'signal {sig}')}]"
         if sig is not None:
@@ -380,6 +421,15 @@ def describe_isolation(tools: Any) -> str:
     items = list(items if items is not None else tools)
     lines = [t.describe_isolation() for t in items if callable(getattr(t, "describe_isolation", None))]
     return "; ".join(lines) if lines else "no sandboxed tools"
+
+
+def _descendants(pid: int) -> list[int]:
+    out, stack = [], children(pid)
+    while stack:
+        p = stack.pop()
+        out.append(p)
+        stack.extend(children(p))
+    return out
 
 
 def _feed(proc: subprocess.Popen, data: bytes) -> None:

@@ -15,6 +15,9 @@ from .seccomp import SECCOMP_FD, seccomp_pipe, seccomp_program, with_fd
 SANDBOX_ROOT = "/sandbox"
 """The per-call working directory (a private tmpfs) inside the bubblewrap sandbox."""
 
+PRIVATE_TMPFS = ("/tmp", SANDBOX_ROOT, "/dev/shm")
+"""The writable, size-capped tmpfs of a call (what they hold counts against its memory cap)."""
+
 
 class SandboxUnavailable(RuntimeError):
     """The requested isolation cannot be set up on this machine (the message says how to fix it)."""
@@ -61,8 +64,9 @@ def bwrap_command(bwrap: str, python_executable: str, bootstrap: str, *, is_root
         cmd += ["--ro-bind", path, path]
     for link, target in root_links():
         cmd += ["--symlink", target, link]
+    # /dev is bwrap's own tmpfs, without a size cap and (as a normal user) writable: read-only, like /.
     cmd += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", *tmpfs, "--tmpfs", "/dev/shm",
-            "--remount-ro", "/", "--chdir", SANDBOX_ROOT]
+            "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", SANDBOX_ROOT]
     for key, value in sandbox_env(SANDBOX_ROOT, "/tmp").items():
         cmd += ["--setenv", key, value]
     if seccomp and not is_root:

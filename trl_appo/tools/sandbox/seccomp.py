@@ -14,7 +14,8 @@ SECCOMP_FD = "SECCOMP_FD"
 
 # x86_64 syscall numbers (asm/unistd_64.h) refused with EPERM: tracing and other processes' memory, kernel
 # keyrings, eBPF, perf, userfaultfd, io_uring, namespaces and mounts (no nested sandboxes to hide in), module
-# and kexec loading, handles to host files, clocks, swap, reboot, syslog.
+# and kexec loading, handles to host files, clocks, swap, reboot, syslog; and memory no process's RSS shows
+# (memfds, SysV shared memory, semaphores and message queues: the watchdog could not count them).
 DENY_X86_64 = (
     101, 310, 311,  # ptrace, process_vm_readv, process_vm_writev
     248, 249, 250,  # add_key, request_key, keyctl
@@ -27,6 +28,10 @@ DENY_X86_64 = (
     163, 167, 168, 169, 103,  # acct, swapon, swapoff, reboot, syslog
     153, 172, 173, 179,  # vhangup, iopl, ioperm, quotactl
     164, 227, 305, 159,  # settimeofday, clock_settime, clock_adjtime, adjtimex
+    319, 447,  # memfd_create, memfd_secret
+    29, 30, 31, 67,  # shmget, shmat, shmctl, shmdt
+    64, 65, 66, 220,  # semget, semop, semctl, semtimedop
+    68, 69, 70, 71,  # msgget, msgsnd, msgrcv, msgctl
 )
 CLONE_NAMESPACE_FLAGS = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
 

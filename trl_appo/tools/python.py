@@ -11,8 +11,8 @@ Isolation levels (`PythonTool(isolation=...)`; `PythonTool().isolation` reports 
   ``dnf install bubblewrap``; no setuid bit needed, works for unprivileged users). Per call:
   - a private filesystem: only ``/usr`` (with the ``/bin``, ``/lib*`` links), ``/etc/ld.so.cache`` and the
     interpreter's prefix, venv and site-packages are visible, all read-only, at their host paths; a fresh
-    size-capped tmpfs as working directory (``/sandbox``, also ``$HOME``), ``/tmp`` and ``/dev/shm``; a minimal
-    ``/dev``; a ``/proc`` of its own PID namespace. No ``$HOME``, project, data directory, ``/run`` or
+    size-capped tmpfs as working directory (``/sandbox``, also ``$HOME``), ``/tmp`` and ``/dev/shm``; a minimal,
+    read-only ``/dev``; a ``/proc`` of its own PID namespace. No ``$HOME``, project, data directory, ``/run`` or
     ``/tmp`` of the host, hence no host unix sockets; a new network namespace (no network, no abstract
     sockets), IPC and UTS namespaces, a new session (no terminal injection), a cleared environment.
   - a fresh PID namespace whose init is the bootstrap; the user's code runs as its child, so when the code
@@ -26,17 +26,24 @@ Isolation levels (`PythonTool(isolation=...)`; `PythonTool().isolation` reports 
     a fork bomb in one call cannot starve concurrent calls.
   - limits: RLIMIT_CPU, RLIMIT_AS (per process), RLIMIT_NPROC (per call, see above), RLIMIT_FSIZE (SIGXFSZ
     ignored so writes fail with EFBIG), RLIMIT_NOFILE, no core dumps; each tmpfs is capped at
-    ``tmpfs_mb``; and the memory of the whole call (resident anonymous + shmem memory summed over its
-    processes) is polled every ``memory_poll_s`` by the parent, which kills the call above ``memory_mb``.
-    Without cgroups this sum is a watchdog, not an allocator limit: between two polls a call can overshoot
-    by what it allocates in that interval (each process is still bounded by RLIMIT_AS). CPU time is capped
-    per process (RLIMIT_CPU) and per call by the wall-clock timeout, which kills the whole namespace.
+    ``tmpfs_mb``; and the memory of the whole call is polled every ``memory_poll_s`` by the parent, which
+    kills the call above ``memory_mb``: resident anonymous + shmem memory summed over its processes, plus
+    the bytes in its private tmpfs and ``sandbox.watchdog.INODE_BYTES`` (1 KiB) of kernel memory per file
+    there (``sandbox.watchdog.call_memory``). Memory no process's RSS would show otherwise is refused: memfds
+    and SysV IPC by the seccomp filter, writes to ``/dev`` by its read-only mount. This sum is a watchdog,
+    not an allocator limit: between two polls a call can overshoot by what it allocates in that interval
+    (each process is still bounded by RLIMIT_AS). Where this process may create memory-controlled cgroup v2
+    cgroups (``sandbox.cgroup``: its own cgroup enables ``memory`` for children, or ``APPO_SANDBOX_CGROUP``
+    names a delegated one), each call also gets its own cgroup with ``memory.max`` = ``memory_mb``, enforced
+    by the kernel; `memory_enforcement` says which ("cgroup" or "watchdog"). CPU time is capped per
+    process (RLIMIT_CPU) and per call by the wall-clock timeout, which kills the whole namespace.
   - the interpreter starts with ``-I -S``: its site-packages are on ``sys.path`` but their ``.pth`` files are
     not run (they cost ~30 ms per call; editable installs of project code would not be visible anyway).
   - ``isolate_network=False`` shares the host's network namespace (and so its abstract unix sockets).
   - a seccomp filter (x86_64; `sandbox.seccomp`): ptrace and process_vm_*, unshare/setns/mount and clone
     with namespace flags (no nested namespaces), keyrings, bpf, perf, userfaultfd, io_uring, module/kexec
-    loading, file handles, clock setting, reboot, syslog fail with EPERM; clone3 with ENOSYS (libc falls back
+    loading, file handles, clock setting, reboot, syslog, memfd_create/memfd_secret and SysV shared memory,
+    semaphores and message queues fail with EPERM; clone3 with ENOSYS (libc falls back
     to clone). As root it is installed by the bootstrap after its own unshare, otherwise by bwrap.
   - not done: no Landlock ruleset on top. The code can signal the other processes *of its own call* (nothing
     else is visible).

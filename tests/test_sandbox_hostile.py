@@ -286,6 +286,18 @@ for n in range(300000):
 else:
     time.sleep(1)
     print('survived', n + 1)''', cap)
+run("hard_links", '''
+import os, time
+open('/tmp/target', 'w').close()
+for n in range(300000):  # no new inode on disk filesystems, but tmpfs pins a dentry per link and counts it
+    try:
+        os.link('/tmp/target', f'/tmp/{n:0200d}')
+    except OSError as e:
+        print('refused', n, e)
+        break
+else:
+    time.sleep(1)
+    print('survived', n + 1)''', cap)
 run("dev_fill", MIB16 + '''
 import time
 try:
@@ -435,10 +447,10 @@ def test_the_memory_enforcement_level_is_reported(probes):
     assert level in ("cgroup", "watchdog") and ("cgroup memory.max" in line) == (level == "cgroup"), line
 
 
-@pytest.mark.parametrize("probe", ["memfd", "sysv_shm", "empty_files", "dev_fill", "tmpfs_fill"])
+@pytest.mark.parametrize("probe", ["memfd", "sysv_shm", "empty_files", "hard_links", "dev_fill", "tmpfs_fill"])
 def test_memory_no_process_shows_is_refused_or_counted(probes, probe):
     """memfds and SysV shared memory are refused (seccomp), /dev is read-only, and files in the private tmpfs
-    (their bytes and ~1 KiB of kernel memory per file) count against the call's memory cap."""
+    (their bytes and ~1.5 KiB of kernel memory per file) count against the call's memory cap."""
     _, _, r, _, _ = probes
     result = r[probe]
     assert "survived" not in result["text"], result
@@ -447,7 +459,7 @@ def test_memory_no_process_shows_is_refused_or_counted(probes, probe):
     assert refused or killed, result
     if probe in ("memfd", "sysv_shm", "dev_fill"):
         assert refused, result  # denied outright, not left to the watchdog
-    if probe in ("empty_files", "tmpfs_fill"):
+    if probe in ("empty_files", "hard_links", "tmpfs_fill"):
         assert killed, result
 
 

@@ -28,7 +28,7 @@ Isolation levels (`PythonTool(isolation=...)`; `PythonTool().isolation` reports 
     ignored so writes fail with EFBIG), RLIMIT_NOFILE, no core dumps; each tmpfs is capped at
     ``tmpfs_mb``; and the memory of the whole call is polled every ``memory_poll_s`` by the parent, which
     kills the call above ``memory_mb``: resident anonymous + shmem memory summed over its processes, plus
-    the bytes in its private tmpfs and ``sandbox.watchdog.INODE_BYTES`` (1 KiB) of kernel memory per file
+    the bytes in its private tmpfs and ``sandbox.watchdog.INODE_BYTES`` (1.5 KiB) of kernel memory per file
     there (``sandbox.watchdog.call_memory``). Memory no process's RSS would show otherwise is refused: memfds
     and SysV IPC by the seccomp filter, writes to ``/dev`` by its read-only mount. This sum is a watchdog,
     not an allocator limit: between two polls a call can overshoot by what it allocates in that interval

@@ -2,7 +2,9 @@
 
 * `bwrap`: the bubblewrap command of a call (namespaces, read-only mounts of the interpreter, private tmpfs).
 * `seccomp`: the seccomp filter (x86_64) and how it reaches the sandbox.
-* `watchdog`: the parent's side of a call: output reading, the summed-memory watchdog, killing the call.
+* `watchdog`: the parent's side of a call: output reading, the memory watchdog (processes and private
+  tmpfs), killing the call.
+* `cgroup`: a cgroup v2 ``memory.max`` per call, where this process may make memory-controlled cgroups.
 * `bootstrap`: the first code run inside the sandbox (a script, passed with ``-c``: never imported).
 * `legacy`: the interpreter of the weak, opt-in ``"none"`` level.
 

@@ -136,6 +136,25 @@ def bench_sandbox(calls: int, concurrent: int = 16, module_path: str | None = No
     }
 
 
+def bench_sandbox_ab(calls: int, module_path: str) -> dict[str, dict[str, float]]:
+    """`print(1)` latency of this checkout's `PythonTool` and another copy's, calls alternating (ABBA order), so
+    both see the same machine load at every moment."""
+    tools = {"other": _python_tool_class(module_path)(timeout=10), "this": _python_tool_class(None)(timeout=10)}
+    times: dict[str, list[float]] = {k: [] for k in tools}
+    for tool in tools.values():
+        tool.run("print(1)")
+    for i in range(calls):
+        for k in ("other", "this") if i % 2 == 0 else ("this", "other"):
+            start = time.perf_counter()
+            assert tools[k].run("print(1)").text == "1"
+            times[k].append(time.perf_counter() - start)
+    out = {}
+    for k, t in times.items():
+        t.sort()
+        out[k] = {"median_ms": 1000 * statistics.median(t), "p90_ms": 1000 * t[int(0.9 * (len(t) - 1))]}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=8)
@@ -146,7 +165,18 @@ def main() -> None:
     parser.add_argument("--sandbox-module", default=None,
                         help="another copy of trl_appo/tools/python.py to time instead (e.g. the old one)")
     parser.add_argument("--sandbox-only", action="store_true", help="skip the engine benchmark")
+    parser.add_argument("--sandbox-ab", action="store_true",
+                        help="with --sandbox-module: alternate calls between it and this checkout's PythonTool")
     args = parser.parse_args()
+
+    if args.sandbox_ab:
+        if not args.sandbox_module:
+            parser.error("--sandbox-ab needs --sandbox-module OLD_python.py")
+        ab = bench_sandbox_ab(args.sandbox_calls, args.sandbox_module)
+        print("\n| PythonTool | `print(1)` median / p90 (calls alternating) |\n|---|---|")
+        for name, label in (("other", args.sandbox_module), ("this", "this checkout")):
+            print(f"| {label} | {ab[name]['median_ms']:.1f} / {ab[name]['p90_ms']:.1f} ms |")
+        return
 
     s = bench_sandbox(args.sandbox_calls, args.sandbox_concurrent, args.sandbox_module)
     if args.sandbox_only:

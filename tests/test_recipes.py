@@ -267,3 +267,11 @@ def test_reward_registry_includes_trl_rewards(script):
     assert script.build_reward_funcs(["accuracy", "think_format"]) == [accuracy_reward, think_format_reward]
     with pytest.raises(script.RecipeError, match="cannot be imported"):
         script.build_reward_funcs(["no_such_pkg.fn"])
+
+
+def test_a_directory_as_search_cache_is_a_one_line_recipe_error(tmp_path):
+    from trl_appo import scripts
+
+    with pytest.raises(scripts.RecipeError, match="is a directory; pass the path of a cache file") as info:
+        scripts.make_tools(["search"], search_cache=str(tmp_path))
+    assert "\n" not in str(info.value) and tmp_path.is_dir()

@@ -233,6 +233,96 @@ for _ in range(4):
         os._exit(0)
 time.sleep(30)
 print('survived')''', mem)
+# Memory no process's RSS shows (issue 16 item 3), each ~3x a 128 MiB cap, in 16 MiB pieces (RLIMIT_FSIZE and
+# RLIMIT_AS allow each piece): memfds, SysV shared memory, empty files (kernel memory), writes to /dev, and the
+# private tmpfs filled to their own caps. Each stops at its bound, and a refused or killed call prints no "survived".
+cap = PythonTool(timeout=20.0, memory_mb=128)
+res["memory_enforcement"] = [cap.memory_enforcement, cap.describe_isolation()]
+MIB16 = "chunk = b'x' * (1 << 20)\n"
+run("memfd", MIB16 + '''
+import os, time
+fds = []
+try:
+    for i in range(24):
+        fd = os.memfd_create(f"m{i}")
+        for _ in range(16):
+            os.write(fd, chunk)
+        fds.append(fd)
+except OSError as e:
+    print('refused', e)
+else:
+    time.sleep(1)
+    print('survived', len(fds))''', cap)
+run("sysv_shm", '''
+import ctypes, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+libc.shmdt.argtypes = [ctypes.c_void_p]
+made = 0
+for i in range(24):
+    sid = libc.shmget(0, 16 << 20, 0o1600)  # IPC_PRIVATE, IPC_CREAT | 0600
+    if sid < 0:
+        print('refused shmget', ctypes.get_errno())
+        break
+    addr = libc.shmat(sid, None, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        print('refused shmat', ctypes.get_errno())
+        break
+    ctypes.memset(addr, 1, 16 << 20)
+    libc.shmdt(ctypes.c_void_p(addr))  # detached: in no process's RSS, alive in the IPC namespace
+    made += 1
+else:
+    time.sleep(1)
+    print('survived', made)''', cap)
+run("empty_files", '''
+import os, time
+for n in range(300000):
+    try:
+        os.close(os.open(f'/tmp/f{n}', os.O_CREAT | os.O_WRONLY, 0o600))
+    except OSError as e:
+        print('refused', n, e)
+        break
+else:
+    time.sleep(1)
+    print('survived', n + 1)''', cap)
+run("hard_links", '''
+import os, time
+open('/tmp/target', 'w').close()
+for n in range(300000):  # no new inode on disk filesystems, but tmpfs pins a dentry per link and counts it
+    try:
+        os.link('/tmp/target', f'/tmp/{n:0200d}')
+    except OSError as e:
+        print('refused', n, e)
+        break
+else:
+    time.sleep(1)
+    print('survived', n + 1)''', cap)
+run("dev_fill", MIB16 + '''
+import time
+try:
+    for i in range(24):
+        with open(f'/dev/fill{i}', 'wb') as f:
+            for _ in range(16):
+                f.write(chunk)
+except OSError as e:
+    print('refused', type(e).__name__)
+else:
+    time.sleep(1)
+    print('survived')''', cap)
+run("tmpfs_fill", MIB16 + '''
+import time
+try:
+    for d in ('/tmp', '/sandbox', '/dev/shm'):
+        for i in range(4):
+            with open(f'{d}/fill{i}', 'wb') as f:
+                for _ in range(15):
+                    f.write(chunk)
+except OSError as e:
+    print('refused', type(e).__name__, e)
+else:
+    time.sleep(1)
+    print('survived')''', cap)
 # A fork bomb beside concurrent calls that each start subprocesses.
 bomb = PythonTool(timeout=4.0, max_processes=32)
 others = PythonTool(timeout=30.0, max_processes=32)
@@ -349,6 +439,28 @@ def test_memory_is_summed_over_the_processes_of_a_call(probes):
     assert r["memory_sum"]["memory"] and "survived" not in r["memory_sum"]["text"]
     # killed by the summed-memory cap itself, not by running into the call's 20 s wall timeout
     assert "MemoryError" in r["memory_sum"]["text"] and not r["memory_sum"]["timed_out"]
+
+
+def test_the_memory_enforcement_level_is_reported(probes):
+    _, _, r, _, _ = probes
+    level, line = r["memory_enforcement"]
+    assert level in ("cgroup", "watchdog") and ("cgroup memory.max" in line) == (level == "cgroup"), line
+
+
+@pytest.mark.parametrize("probe", ["memfd", "sysv_shm", "empty_files", "hard_links", "dev_fill", "tmpfs_fill"])
+def test_memory_no_process_shows_is_refused_or_counted(probes, probe):
+    """memfds and SysV shared memory are refused (seccomp), /dev is read-only, and files in the private tmpfs
+    (their bytes and ~1.5 KiB of kernel memory per file) count against the call's memory cap."""
+    _, _, r, _, _ = probes
+    result = r[probe]
+    assert "survived" not in result["text"], result
+    refused = "refused" in result["text"] and not result["memory"]
+    killed = result["memory"] and "MemoryError" in result["text"] and not result["timed_out"]
+    assert refused or killed, result
+    if probe in ("memfd", "sysv_shm", "dev_fill"):
+        assert refused, result  # denied outright, not left to the watchdog
+    if probe in ("empty_files", "hard_links", "tmpfs_fill"):
+        assert killed, result
 
 
 def test_a_fork_bomb_does_not_starve_concurrent_calls(probes):

@@ -193,3 +193,65 @@ def test_private_tmpfs_is_size_capped():
     r = PythonTool(timeout=10.0, tmpfs_mb=8, max_file_size_mb=64).run(
         "open('/tmp/big', 'wb').write(b'x' * (16 << 20))")
     assert r.failed and "No space left on device" in r.text
+
+
+def _fake_cgroup_host(tmp_path, subtree: str, controllers: str = "cpu memory pids"):
+    """A /proc/self with this process in cgroup v2 /job, and that cgroup's interface files."""
+    proc, mount = tmp_path / "proc", tmp_path / "cgroup"
+    proc.mkdir(parents=True)
+    (proc / "cgroup").write_text("4:memory:/v1\n0::/job\n")
+    (proc / "mountinfo").write_text(f"30 20 0:26 / {mount} rw,nosuid - cgroup2 cgroup2 rw\n")
+    job = mount / "job"
+    job.mkdir(parents=True)
+    (job / "cgroup.controllers").write_text(controllers + "\n")
+    (job / "cgroup.subtree_control").write_text(subtree + "\n")
+    return str(proc), str(job)
+
+
+def test_cgroup_memory_max_is_used_only_where_delegated(tmp_path):
+    from trl_appo.tools.sandbox.cgroup import CGROUP_ENV, find_parent
+
+    proc, job = _fake_cgroup_host(tmp_path / "a", subtree="")
+    found = find_parent(proc, environ={})
+    assert found.path is None and "not enabled for the child cgroups" in found.reason
+    proc, job = _fake_cgroup_host(tmp_path / "b", subtree="", controllers="cpu pids")
+    assert "no memory controller" in find_parent(proc, environ={}).reason
+    proc, job = _fake_cgroup_host(tmp_path / "c", subtree="cpu memory")
+    assert find_parent(proc, environ={}).path == job
+    assert find_parent(str(tmp_path / "missing"), environ={}).path is None  # no cgroup v2 at all
+    assert find_parent(str(tmp_path / "missing"), environ={CGROUP_ENV: job}).path == job  # operator-delegated
+
+
+def test_each_call_gets_its_own_cgroup_with_memory_max(tmp_path, monkeypatch):
+    """With a delegated parent (faked: plain files), a call's cgroup caps memory.max at memory_mb and holds the
+    call's processes before its code runs; an oom_kill event there reports the call as over its memory."""
+    from trl_appo.tools import python as python_module
+    from trl_appo.tools.sandbox.cgroup import CallCgroup, CgroupParent
+
+    parent = tmp_path / "delegated"
+    parent.mkdir()
+    made = []
+    monkeypatch.setattr(python_module, "find_parent", lambda: CgroupParent(str(parent)))
+    monkeypatch.setattr(CallCgroup, "close", lambda self, wait_s=2.0: made.append(self.path))
+    tool = PythonTool(timeout=5.0, memory_mb=300)
+    assert tool.memory_enforcement == "cgroup" and "cgroup memory.max" in tool.describe_isolation()
+    assert tool.run("print(1)").text == "1"
+    (call,) = made
+    assert open(os.path.join(call, "memory.max")).read() == str(300 << 20)
+    assert len(open(os.path.join(call, "cgroup.procs")).read()) > 0  # the bwrap process (and its init) moved in
+
+    def oom_on_creation(self, parent, memory_bytes, _init=CallCgroup.__init__):
+        _init(self, parent, memory_bytes)
+        with open(os.path.join(self.path, "memory.events"), "w") as f:
+            f.write("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+
+    monkeypatch.setattr(CallCgroup, "__init__", oom_on_creation)
+    r = tool.run("print(1)")
+    assert r.memory_exceeded and "MemoryError" in r.text
+
+
+def test_the_memory_enforcement_reached_is_reported():
+    tool = PythonTool(timeout=5.0)
+    assert tool.memory_enforcement in ("cgroup", "watchdog")
+    if tool.memory_enforcement == "watchdog":
+        assert tool.cgroup.reason and f"no cgroup: {tool.cgroup.reason}" in tool.describe_isolation()

@@ -18,13 +18,14 @@ from trl_appo.tools import (
     HTTPSearchBackend,
     SearchBackend,
     SearchCache,
+    SearchCacheError,
     SearchHit,
     SearchTool,
     ToolCall,
     ToolRegistry,
     format_hits,
 )
-from trl_appo.tools.search import default_corpus_path, parse_pages
+from trl_appo.tools.search import MAX_QUERY_TOKENS, BM25Index, default_corpus_path, parse_pages, query_terms
 
 
 def test_shipped_corpus_is_small_and_well_formed():
@@ -158,7 +159,8 @@ def test_a_cache_damaged_while_in_use_is_rebuilt_at_the_next_query(tmp_path, cap
     assert backend.calls == 2 and any("damaged" in r.message for r in caplog.records)
 
 
-@pytest.mark.parametrize("value", ["not json", '{"text": "a dict, not a list"}', '[{"nope": 1}]', "[1, 2]"])
+@pytest.mark.parametrize("value", ["not json", '{"text": "a dict, not a list"}', '[{"nope": 1}]', "[1, 2]",
+                                   pytest.param("[" * 200_000 + "]" * 200_000, id="nested-200k-deep")])
 def test_one_bad_row_is_dropped_and_recomputed(tmp_path, caplog, value):
     path = tmp_path / "cache.sqlite"
     backend = _Counting()
@@ -205,3 +207,107 @@ def test_format_and_parse_pages_round_trip():
     hits = [SearchHit(text="first\nwith a second line"), SearchHit(text="second")]
     assert parse_pages(format_hits(hits)) == hits
     assert parse_pages("No search results found.") == [] and format_hits([]) == "No search results found."
+
+
+def test_a_long_query_scores_each_distinct_word_once_up_to_the_cap():
+    """A pasted 3000-word query costs what its first MAX_QUERY_TOKENS distinct words cost (one scoring pass over
+    the documents each), and repeats still weigh as BM25 weighs them."""
+    docs = [SearchHit(f"w{i} w{i + 1} common", title=f"d{i}") for i in range(40)]
+    index = BM25Index(docs)
+    scored: list[str] = []
+    full = index._bm25.get_scores
+
+    def spy(tokens):
+        scored.extend(tokens)
+        return full(tokens)
+
+    index._bm25.get_scores = spy
+    query = " ".join(f"w{i % 1000}" for i in range(3000))  # 1000 distinct words, each 3 times
+    assert index.search(query, 3)
+    assert len(scored) == MAX_QUERY_TOKENS and len(set(scored)) == len(scored)
+    assert scored == [f"w{i}" for i in range(MAX_QUERY_TOKENS)]  # the first distinct words, in query order
+    assert query_terms("b a b c", 2) == {"b": 2, "a": 1}  # "c" is past the cap; repeats of kept words count
+
+    scored.clear()
+    hits = index.search("w3 w3 w4 common", 40)
+    assert sorted(scored) == ["common", "w3", "w4"]
+    expected = full(["w3", "w3", "w4", "common"])  # BM25Okapi over the full token list
+    assert [h.score for h in hits] == pytest.approx([expected[int(h.title[1:])] for h in hits])
+    assert [h.title for h in hits[:2]] == ["d3", "d2"]
+
+
+def test_a_directory_at_the_cache_path_is_refused_not_moved(tmp_path):
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    (cache_dir / "keep.txt").write_text("mine")
+    with pytest.raises(SearchCacheError, match="is a directory; pass the path of a cache file"):
+        SearchTool(_Counting(), cache=cache_dir)
+    assert (cache_dir / "keep.txt").read_text() == "mine" and os.listdir(tmp_path) == ["cache"]
+
+
+_READONLY_CHECK = r"""
+import json, sys, types
+sys.path.append(DEPS)
+pkg = types.ModuleType("trl_appo"); pkg.__path__ = [PKG]; sys.modules["trl_appo"] = pkg
+from trl_appo.tools.search import SearchCache, SearchCacheError, SearchHit
+cache = SearchCache(PATH)
+hits = cache.get(KEY)
+cache.put("other", [SearchHit("x")])
+out = {"readonly": cache.readonly, "hits": [h.text for h in hits or []], "len": len(cache)}
+try:
+    SearchCache(PATH + ".new")
+except SearchCacheError as e:
+    out["new"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_a_clean_cache_in_a_read_only_directory_is_used_read_only(tmp_path):
+    """As root the check runs as an unprivileged uid (setpriv; root ignores file modes), else after chmod."""
+    import shutil
+    import sysconfig
+
+    import filelock
+
+    base = tmp_path / "ro"
+    base.mkdir()
+    path = base / "cache.sqlite"
+    backend = _Counting()
+    tool = SearchTool(backend, cache=path)
+    tool.search("question")
+    del tool
+    gc.collect()
+    key = SearchCache.key(backend.name, "question", 5)
+    before = {name: (base / name).read_bytes() for name in os.listdir(base)}
+    code = tmp_path / "code"  # world-readable copies of trl_appo/tools and filelock (the checkout may be private)
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "..", "trl_appo", "tools"), code / "trl_appo" / "tools")
+    shutil.copytree(os.path.dirname(filelock.__file__), code / "deps" / "filelock")
+    for d in (tmp_path, code, *[p for p in code.rglob("*")]):
+        os.chmod(d, 0o755)
+    script = (_READONLY_CHECK.replace("DEPS", repr(str(code / "deps"))).replace("PKG", repr(str(code / "trl_appo")))
+              .replace("PATH", repr(str(path))).replace("KEY", repr(key)))
+    if os.geteuid() == 0:
+        python = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+        if shutil.which("setpriv") is None or not os.path.exists(python):
+            pytest.skip("as root this needs setpriv and a system python of this version")
+        uid = os.environ.get("APPO_TEST_UID", "43210")
+        for name in os.listdir(base):
+            os.chmod(base / name, 0o644)
+        parent = tmp_path
+        while str(parent) != "/":  # the uid must reach the directory (pytest's base temp dir is 0700)
+            os.chmod(parent, os.stat(parent).st_mode | 0o005)
+            parent = parent.parent
+        cmd = ["setpriv", "--reuid", uid, "--regid", uid, "--clear-groups", "--", python, "-c", script]
+    else:
+        os.chmod(base, 0o555)
+        cmd = [sys.executable, "-c", script]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd="/")
+    finally:
+        os.chmod(base, 0o755)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["readonly"] and result["hits"] == ["about question"] and result["len"] == 1
+    assert "using it read-only" in out.stderr  # said once
+    assert "cannot create" in result["new"] and "writable directory" in result["new"]
+    assert {name: (base / name).read_bytes() for name in os.listdir(base)} == before  # nothing moved or written

@@ -456,7 +456,10 @@ def make_tools(
                 backend = search.ARPOCacheBackend(search_corpus)
             else:
                 backend = search.HTTPSearchBackend(search_url, api_key_env=search_api_key_env)
-            tools.append(search.SearchTool(backend=backend, top_k=search_top_k, cache=search_cache))
+            try:
+                tools.append(search.SearchTool(backend=backend, top_k=search_top_k, cache=search_cache))
+            except search.SearchCacheError as e:  # a directory or an unusable file at search_cache: one line
+                raise RecipeError(str(e)) from e
         else:
             raise RecipeError(f"Unknown tool {name!r}; choose from {list(TOOLS)} (or 'none').")
     return tools

@@ -36,6 +36,10 @@ from .base import Tool, ToolOutput
 logger = logging.getLogger(__name__)
 
 NO_RESULTS = "No search results found."
+MAX_QUERY_TOKENS = 64
+"""Distinct words of a query that BM25 scores (the first ones, in query order). Scoring costs one pass over all
+documents per distinct word; a search query is a few keywords, and a pasted 3000-word "query" over 10k documents
+otherwise kept a thread busy for 10-70 s past the tool's timeout."""
 _TOKEN_RE = re.compile(r"\w+")
 _PAGE_RE = re.compile(r"^Page (\d+): ?")
 
@@ -43,6 +47,18 @@ _PAGE_RE = re.compile(r"^Page (\d+): ?")
 def tokenize(text: str) -> list[str]:
     """BM25 tokens: lowercase runs of word characters (unicode-aware)."""
     return _TOKEN_RE.findall(text.lower())
+
+
+def query_terms(query: str, max_terms: int = MAX_QUERY_TOKENS) -> dict[str, int]:
+    """The distinct tokens of `query` that are scored, in query order, with their counts: the first `max_terms`
+    distinct ones (later new words are ignored; repeats of kept words still count)."""
+    counts: dict[str, int] = {}
+    for token in tokenize(query):
+        if token in counts:
+            counts[token] += 1
+        elif len(counts) < max_terms:
+            counts[token] = 1
+    return counts
 
 
 def normalize_query(query: str) -> str:
@@ -96,27 +112,35 @@ def parse_pages(text: str) -> list[SearchHit]:
 
 
 class BM25Index:
-    """BM25Okapi over documents; `search` returns the top-k documents sharing a word with the query."""
+    """BM25Okapi over documents; `search` returns the top-k documents sharing a word with the query.
 
-    def __init__(self, documents: Sequence[SearchHit]):
+    A query is scored over its distinct words, each weighted by how often it occurs (the same scores as
+    BM25Okapi over the full token list), and over at most `max_query_tokens` of them (`MAX_QUERY_TOKENS`).
+    """
+
+    def __init__(self, documents: Sequence[SearchHit], max_query_tokens: int = MAX_QUERY_TOKENS):
         from rank_bm25 import BM25Okapi
 
         if not documents:
             raise ValueError("BM25Index needs at least one document")
         self.documents = list(documents)
+        self.max_query_tokens = max_query_tokens
         # Title words count as document words: short factual snippets often name their subject only there.
         corpus = [tokenize(f"{d.title} {d.text}") or ["_"] for d in self.documents]
         self._bm25 = BM25Okapi(corpus)
         self._vocab = [frozenset(tokens) for tokens in corpus]
 
     def search(self, query: str, top_k: int) -> list[SearchHit]:
-        tokens = tokenize(query)
-        if not tokens:
+        counts = query_terms(query, self.max_query_tokens)
+        if not counts:
             return []
-        scores = self._bm25.get_scores(tokens)
+        scores = None
+        for token, count in counts.items():  # BM25 sums over query tokens: a repeated word scores count times
+            term = self._bm25.get_scores([token])
+            scores = term * count if scores is None else scores + term * count
         # Candidates share a word with the query (not score > 0: BM25Okapi's idf is 0 for a word found in
         # half of the documents, so a tiny corpus would otherwise return nothing).
-        query_set = set(tokens)
+        query_set = set(counts)
         candidates = [i for i in range(len(scores)) if query_set & self._vocab[i]]
         order = sorted(candidates, key=lambda i: (-scores[i], i))[:top_k]
         return [self._hit(i, scores[i]) for i in order]
@@ -265,6 +289,10 @@ class HTTPSearchBackend:
         ]
 
 
+class SearchCacheError(ValueError):
+    """A cache path that cannot be used (the message, one line, says how to fix it)."""
+
+
 class SearchCache:
     """Persistent query -> hits cache in sqlite3, safe for concurrent processes and threads.
 
@@ -274,7 +302,13 @@ class SearchCache:
     A cache is only a cache: a file that is not a database (truncated, garbage), fails sqlite's quick check or
     lacks the table is moved aside (``<path>.corrupt-<time>``, with a warning) and rebuilt empty, at
     construction or when a later query hits the damage; a row that does not decode is deleted (with a
-    warning) and recomputed. Neither construction nor a query fails permanently because of the file.
+    warning) and recomputed (also one nested too deeply to decode). Neither construction nor a query fails
+    permanently because of the file.
+
+    Refused with `SearchCacheError` (one line naming the fix): a directory at `path` (it is never moved), and a
+    cache this process cannot write whose file does not read as a cache. A readable cache that cannot be written
+    here (a read-only directory or file) is opened read-only (sqlite ``mode=ro``; ``immutable=1`` when its WAL
+    index cannot be created either) with one warning: cached queries are answered, new results are not stored.
     """
 
     def __init__(self, path: str | os.PathLike, timeout: float = 30.0):
@@ -283,15 +317,32 @@ class SearchCache:
         self._local = threading.local()
         self._generation = 0  # bumped on every rebuild: threads reopen their connections
         self._rebuild_lock = threading.Lock()
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.readonly = False
+        self._uri: str | None = None
+        if os.path.isdir(self.path):
+            raise SearchCacheError(f"SearchCache: {self.path} is a directory; pass the path of a cache file, e.g. "
+                                   f"{os.path.join(self.path, 'search_cache.sqlite')}")
+        parent = os.path.dirname(os.path.abspath(self.path))
+        if os.path.isfile(self.path) and not (os.access(self.path, os.W_OK) and os.access(parent, os.W_OK)):
+            self._open_readonly()
+            return
         # Switching to WAL and creating the table need an exclusive lock, and sqlite answers a concurrent switch
         # with SQLITE_BUSY *without* waiting on the busy timeout; a file lock serialises set-up across processes.
-        with FileLock(self.path + ".lock", timeout=timeout):
+        try:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(self.path + ".lock", timeout=timeout)
+            lock.acquire()
+        except PermissionError as exc:
+            raise SearchCacheError(f"SearchCache: cannot create {self.path} or its lock file ({exc.strerror}: "
+                                   f"{exc.filename}); pass a cache path in a writable directory") from exc
+        try:
             try:
                 self._setup(check=True)
             except sqlite3.DatabaseError as exc:
                 self._set_aside(exc)
                 self._setup(check=False)
+        finally:
+            lock.release()
 
     def _setup(self, check: bool) -> None:
         conn = self._connect()
@@ -306,8 +357,35 @@ class SearchCache:
         if columns[:2] != ["key", "value"]:
             raise sqlite3.DatabaseError(f"unexpected cache table columns {columns}")
 
+    def _open_readonly(self) -> None:
+        """Use a cache this process cannot write: read-only, if it reads as a cache; else refuse."""
+        from urllib.parse import quote
+
+        problem = None
+        for flags in ("mode=ro", "mode=ro&immutable=1"):  # immutable: no WAL index (-shm) can be made here
+            self._uri = f"file:{quote(os.path.abspath(self.path))}?{flags}"
+            self._generation += 1
+            try:
+                conn = self._connect()
+                verdict = conn.execute("PRAGMA quick_check").fetchone()
+                columns = [row[1] for row in conn.execute("PRAGMA table_info(cache)")]
+                if verdict and verdict[0] == "ok" and columns[:2] == ["key", "value"]:
+                    self.readonly = True
+                    logger.warning("SearchCache: %s is not writable here; using it read-only (%s): cached queries "
+                                   "are answered, new results are not stored.", self.path, flags)
+                    return
+                problem = f"quick_check {verdict[0] if verdict else 'no answer'}, columns {columns}"
+            except sqlite3.Error as exc:
+                problem = str(exc)
+            self._close_local()
+        raise SearchCacheError(f"SearchCache: {self.path} is not writable here and does not read as a cache "
+                               f"({problem}); make it writable, or pass another cache path")
+
     def _set_aside(self, exc: BaseException) -> None:
         """Close this thread's connection and move the damaged file (and its WAL) out of the way."""
+        if os.path.isdir(self.path):
+            raise SearchCacheError(f"SearchCache: {self.path} is a directory (not moved); pass the path of a cache "
+                                   "file")
         self._close_local()
         aside = f"{self.path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         for suffix in ("", "-wal", "-shm"):
@@ -345,6 +423,10 @@ class SearchCache:
         if conn is not None and getattr(self._local, "generation", None) != self._generation:
             self._close_local()
             conn = None
+        if conn is None and self._uri is not None:  # read-only
+            conn = sqlite3.connect(self._uri, uri=True, timeout=self.timeout)
+            self._local.conn = conn
+            self._local.generation = self._generation
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=self.timeout)
             conn.execute("PRAGMA synchronous=NORMAL")  # WAL is persistent: set once in __init__
@@ -358,13 +440,14 @@ class SearchCache:
             try:
                 return fn(self._connect())
             except sqlite3.OperationalError as exc:
-                if "locked" in str(exc) or "busy" in str(exc) or attempt:
+                if "locked" in str(exc) or "busy" in str(exc) or attempt or self.readonly:
                     logger.warning("SearchCache: %s: %s (treated as a cache miss)", self.path, exc)
                     return default
                 damage = exc
             except sqlite3.DatabaseError as exc:
-                if attempt:
-                    logger.warning("SearchCache: %s still fails after a rebuild: %s", self.path, exc)
+                if attempt or self.readonly:
+                    logger.warning("SearchCache: %s %s: %s", self.path,
+                                   "(read-only)" if self.readonly else "still fails after a rebuild", exc)
                     return default
                 damage = exc
             try:
@@ -385,8 +468,11 @@ class SearchCache:
         try:
             hits = json.loads(row[0])
             return [SearchHit(**h) for h in hits]
-        except (TypeError, ValueError, AttributeError) as exc:  # a bad row: drop it, the query is recomputed
-            logger.warning("SearchCache: dropping an unreadable row of %s (%s: %s)", self.path, type(exc).__name__, exc)
+        except (TypeError, ValueError, AttributeError, RecursionError) as exc:  # a bad row: drop it, recompute
+            logger.warning("SearchCache: dropping an unreadable row of %s (%s: %s)", self.path, type(exc).__name__,
+                           str(exc)[:200])
+            if self.readonly:
+                return None
 
             def delete(conn: sqlite3.Connection) -> None:
                 with conn:
@@ -396,6 +482,8 @@ class SearchCache:
             return None
 
     def put(self, key: str, hits: Sequence[SearchHit]) -> None:
+        if self.readonly:
+            return
         value = json.dumps([asdict(h) for h in hits], ensure_ascii=False)
 
         def insert(conn: sqlite3.Connection) -> None:

@@ -21,7 +21,8 @@ Two protocols:
   from `get_json_schema`, parsing with `trl.chat_template_utils.parse_response`, tool turns rendered by the
   template and appended as the suffix ids of a dummy conversation, like TRL's `_get_tool_suffix_ids`).
 * `TagProtocol`: the paper's `<python>…</python>` / `<search>…</search>` calls answered with
-  ` <result>\\n…\\n</result>` (docs/algorithm.md §6). Messages are one assistant message with the decoded completion.
+  ` <result>\\n…\\n</result>` (docs/algorithm.md §6). Messages are one assistant message: the model's
+  runs decoded, each tool output re-inserted as a fixed escaped result block (never the completion decoded whole).
 
 A "model run" is a maximal stretch of completion tokens with mask 1 (one assistant turn, or the part of it
 generated so far); a "tool run" is a stretch with mask 0 (tool output and template glue).

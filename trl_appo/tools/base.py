@@ -316,48 +316,51 @@ class ToolRegistry:
         if len(sessions) != len(calls):
             raise ValueError(f"{len(sessions)} sessions for {len(calls)} calls")
         results: list[ToolResult | None] = [None] * len(calls)
-        queue = deque(range(len(calls)))
-        running: dict[int, tuple[concurrent.futures.Future, float, float | None]] = {}
+        running: list[tuple[int, concurrent.futures.Future, float, float | None, _Slot]] = []
         try:
-            while queue or running:
-                while queue and self._take_slot(blocking=not running):
-                    i = queue.popleft()
-                    started = time.monotonic()
-                    try:
-                        t, bound = self._prepare(calls[i])
-                    except _CallRejected as exc:
-                        self._free_slot()
-                        results[i] = ToolResult(calls[i].name, f"Error: {exc}", True, started, time.monotonic())
-                        continue
-                    timeout = t.timeout if t.timeout is not None else self.timeout
-                    if t.is_async:
-                        future = self._loop().submit(t.invoke(bound, sessions[i]), timeout)
-                    else:
-                        future = _run_in_daemon_thread(lambda t=t, b=bound, s=sessions[i]: t.invoke(b, s))
-                    running[i] = (future, started, timeout)
-                if not running:
+            for i, (call, session) in enumerate(zip(calls, sessions, strict=True)):
+                slot = self._wait_for_slot(running)
+                started = time.monotonic()
+                try:
+                    t, bound = self._prepare(call)
+                except _CallRejected as exc:
+                    slot.free()
+                    results[i] = ToolResult(call.name, f"Error: {exc}", True, started, time.monotonic())
                     continue
-                deadlines = [st + to for _, st, to in running.values() if to is not None]
-                wait = None if not deadlines else max(0.0, min(deadlines) - time.monotonic())
-                futures = [f for f, _, _ in running.values()]
-                concurrent.futures.wait(futures, timeout=wait, return_when=concurrent.futures.FIRST_COMPLETED)
-                now = time.monotonic()
-                for i, (future, started, timeout) in list(running.items()):
-                    if future.done() or (timeout is not None and now >= started + timeout):
-                        del running[i]
-                        self._free_slot()
-                        results[i] = self._result(calls[i], future, started, timeout)
+                timeout = t.timeout if t.timeout is not None else self.timeout
+                if t.is_async:
+                    future = self._loop().submit(t.invoke(bound, session), timeout)
+                else:
+                    future = _run_in_daemon_thread(lambda t=t, b=bound, s=session: t.invoke(b, s))
+                future.add_done_callback(lambda _, slot=slot: slot.free())  # the slot frees when the call ends
+                running.append((i, future, started, timeout, slot))
+            for i, future, started, timeout, slot in running:
+                remaining = None if timeout is None else max(0.0, started + timeout - time.monotonic())
+                try:
+                    future.result(timeout=remaining)
+                except BaseException:  # noqa: BLE001 - read by _result
+                    pass
+                slot.free()  # a call past its timeout gives its slot back too (its thread may still run)
+                results[i] = self._result(calls[i], future, started, timeout)
         finally:
-            for _ in running:  # only on an exception out of this method (KeyboardInterrupt)
-                self._free_slot()
+            for _, _, _, _, slot in running:  # an exception out of this method (KeyboardInterrupt)
+                slot.free()
         return results  # type: ignore[return-value]
 
-    def _take_slot(self, blocking: bool) -> bool:
-        return True if self._slots is None else self._slots.acquire(blocking=blocking)
-
-    def _free_slot(self) -> None:
-        if self._slots is not None:
-            self._slots.release()
+    def _wait_for_slot(self, running: list) -> _Slot:
+        """A concurrency slot; while waiting, this caller's calls past their timeout give theirs back."""
+        if self._slots is None:
+            return _Slot(None)
+        while True:
+            now = time.monotonic()
+            deadlines = [st + to for _, f, st, to, slot in running if to is not None and not slot.freed]
+            wait = None if not deadlines else max(0.0, min(deadlines) - now)
+            if self._slots.acquire(timeout=wait) if wait is not None else self._slots.acquire():
+                return _Slot(self._slots)
+            now = time.monotonic()
+            for _, _, st, to, slot in running:
+                if to is not None and now >= st + to:
+                    slot.free()
 
     def _result(self, call: ToolCall, future: concurrent.futures.Future, started: float, timeout: float | None):
         try:
@@ -417,6 +420,22 @@ class ToolRegistry:
     def close_session(self, session: Any) -> None:
         for t in self.tools.values():
             t.close_session(session)
+
+
+class _Slot:
+    """One held concurrency slot of a registry, freed exactly once (by the call's end or its timeout)."""
+
+    def __init__(self, semaphore: threading.BoundedSemaphore | None):
+        self.semaphore = semaphore
+        self.freed = semaphore is None
+        self._lock = threading.Lock()
+
+    def free(self) -> None:
+        with self._lock:
+            if self.freed:
+                return
+            self.freed = True
+        self.semaphore.release()
 
 
 class _CallRejected(Exception):

@@ -15,7 +15,13 @@ import json
 
 import pytest
 
-from trl_appo.rewards import exact_match_reward, f1_reward, format_answer_type_reward, format_f1_reward
+from trl_appo.rewards import (
+    exact_match_reward,
+    f1_reward,
+    format_answer_type_reward,
+    format_f1_reward,
+    result_block,
+)
 from trl_appo.rollout import ChatTemplateProtocol, RolloutEngine, TagProtocol, model_runs
 from trl_appo.testing import encode
 from trl_appo.tools import BM25Backend, PythonTool, SearchHit, SearchTool, ToolCall, ToolResult
@@ -133,3 +139,51 @@ def test_tool_output_encoding_never_yields_added_tokens(tok):
         assert tok.decode(suffix) == f"\n<|im_start|>user\n<tool_response>\n{text}\n</tool_response><|im_end|>\n" \
             "<|im_start|>assistant\n"
         assert suffix == encode(tok, tok.decode(suffix))
+
+
+def test_trainer_gives_rewards_executed_calls_and_model_text(tiny_model, tiny_tokenizer, tmp_path):
+    """Through APPOTrainer (roots and branches, plain-text prompts): rewards get `executed_tool_calls` per row and the
+    reward text, in which the python output (the probe) is a result block, not the model's answer."""
+    from datasets import Dataset
+
+    from trl_appo.config import APPOConfig
+    from trl_appo.tools import Tool
+    from trl_appo.trainer import APPOTrainer
+
+    seen = []
+
+    def probe_reward(completions, executed_tool_calls, **kwargs):
+        seen.append((list(completions), list(executed_tool_calls)))
+        return format_f1_reward(completions=completions, executed_tool_calls=executed_tool_calls, **kwargs)
+
+    def python(code: str) -> str:
+        return PROBE
+
+    def generate(contexts, images, multimodal_fields, num_generations, has_tool_images=False):
+        outs = []
+        for ctx in contexts:
+            done = "<result>" in tok_.decode(ctx)
+            text = "I do not know." if done else " let me check <python>print(1)</python>"
+            outs.append(encode(tok_, text) + ([tok_.eos_token_id] if done else []))
+        return outs, None
+
+    tok_ = tiny_tokenizer
+    args = APPOConfig(
+        output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
+        per_device_train_batch_size=8, num_generations=8, num_branches=1, max_completion_length=64,
+        min_branch_tokens=2, max_steps=1, branch_schedule="per_generation", seed=0, tool_protocol="tags",
+        branch_criterion="random",
+    )
+    ds = Dataset.from_dict({"prompt": ["Q: capital of France?"] * 8, "ground_truth": ["Paris"] * 8})
+    trainer = APPOTrainer(model=tiny_model, reward_funcs=probe_reward, args=args, train_dataset=ds,
+                          processing_class=tiny_tokenizer, tools=[Tool(python, name="python")])
+    trainer._generate_single_turn = generate
+    trainer.train()
+    assert len(seen) >= 2  # roots, then branches
+    for completions, executed in seen:
+        assert len(executed) == len(completions)
+        for text, calls in zip(completions, executed, strict=True):
+            assert calls == {"python": text.count("</python>")}  # every typed call ran once in this script
+            if "<result>" in text:
+                assert result_block(PROBE) in text  # the probe stays inside its escaped block ...
+                assert format_f1_reward(completions=[text], ground_truth=["Paris"]) == [-1.0]  # ... and cannot answer

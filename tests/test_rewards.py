@@ -324,6 +324,13 @@ def test_choice_answers_that_are_sentences_name_no_option():
         None, None, "B", "B", "C"]
 
 
+def test_answer_readers_are_linear_in_the_text():
+    """Readers a model's text reaches must not backtrack or rescan: these return at once (minutes if quadratic)."""
+    assert rewards.choice_letter("A" + " " * 100_000 + "x") is None
+    assert rewards.last_boxed("\\boxed{" * 50_000 + "\\boxed{5}") == "5"
+    assert extract_answer("<answer>" * 20_000 + "\\boxed{" * 20_000).endswith("\\boxed{")  # no complete box
+
+
 def test_tool_bonus_counts_executed_calls_not_typed_tags():
     """A model that types `<python>..</python> <result>..` itself, with no call run, gets no bonus."""
     typed = both_tools("Paris")

@@ -84,11 +84,12 @@ _ANSWER_BLOCK_RE = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL)
 _CHOICE_GOLD_RE = re.compile(r"^\(?([A-Z])\)?\.?$")
 # An option letter: alone (``D``, ``(d)``, ``\text{D}``, ``D.``), in parentheses before text (``(D) Weak``), or a
 # capital followed by ``.``, ``:`` or ``)`` before text (``D. Weak Non-Sadism``). Never the first word of a sentence:
-# "a guess" and "I am not sure" name no option.
+# "a guess" and "I am not sure" name no option. Applied to the stripped answer, no nested quantifiers (linear time).
+_TEXT_WRAP_RE = re.compile(r"\\text(?:bf)?\{(.*)\}", re.DOTALL)
 _CHOICE_PRED_RES = (
-    re.compile(r"^\s*(?:\\text(?:bf)?\{\s*)?\(?([A-Za-z])\)?\s*\}?\s*[.:]?\s*$"),
-    re.compile(r"^\s*(?:\\text(?:bf)?\{\s*)?\(([A-Za-z])\)"),
-    re.compile(r"^\s*(?:\\text(?:bf)?\{\s*)?(?:([A-Z])[.:)]|([a-z])\))(?:\s|\}|$)"),
+    re.compile(r"\(?([A-Za-z])\)?[.:]?"),  # the whole answer (fullmatch)
+    re.compile(r"\(([A-Za-z])\)"),
+    re.compile(r"(?:([A-Z])[.:)]|([a-z])\))(?:\s|$)"),
 )
 _NUMBER_RE = re.compile(r"^\s*\$?\s*[-+]?(?:\d[\d,]*)?\.?\d+\s*(?:\\?%)?\s*\$?\s*$")
 _LATEX_MATH_RE = re.compile(r"\\(?:d?frac|sqrt|pi|cdot|times|infty|pm|circ|log|ln|sin|cos|tan|binom)\b|\^|_\{")
@@ -768,11 +769,13 @@ def choice_letter(answer: str) -> str | None:
 
     None when the answer is text that merely starts with a letter-word ("a guess", "I am not sure").
     """
-    for pattern in _CHOICE_PRED_RES:
-        match = pattern.match(answer)
-        if match:
-            return next(g for g in match.groups() if g).upper()
-    return None
+    answer = answer.strip()
+    wrapped = _TEXT_WRAP_RE.fullmatch(answer)
+    if wrapped:
+        answer = wrapped.group(1).strip()
+    alone, parenthesised, delimited = _CHOICE_PRED_RES
+    match = alone.fullmatch(answer) or parenthesised.match(answer) or delimited.match(answer)
+    return next(g for g in match.groups() if g).upper() if match else None
 
 
 def _score_answer(

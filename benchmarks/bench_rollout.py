@@ -102,22 +102,40 @@ def _python_tool_class(module_path: str | None):
     return module.PythonTool
 
 
-def bench_sandbox(calls: int, concurrent: int = 16, module_path: str | None = None) -> dict[str, float]:
-    """Latency of `print(1)`: `calls` sequential calls, then `concurrent` calls issued at once (threads)."""
+def bench_sandbox(
+    calls: int, concurrent: int = 16, module_path: str | None = None, via_registry: bool = False
+) -> dict[str, float]:
+    """Latency of `print(1)`: `calls` sequential calls, then `concurrent` calls issued at once (threads).
+
+    `via_registry`: each call goes through `ToolRegistry.execute` (argument binding, timeout, concurrency slots), as
+    the rollout engine makes it, instead of `PythonTool.run`.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     tool = _python_tool_class(module_path)(timeout=10)
-    tool.run("print(1)")  # warm the page cache
+    if via_registry:
+        from trl_appo.tools import ToolCall, ToolRegistry
+
+        registry = ToolRegistry([tool])
+
+        def run() -> str:
+            return registry.execute(ToolCall("python", "print(1)")).content
+    else:
+
+        def run() -> str:
+            return tool.run("print(1)").text
+
+    run()  # warm the page cache
     times = []
     for _ in range(calls):
         start = time.perf_counter()
-        assert tool.run("print(1)").text == "1"
+        assert run() == "1"
         times.append(time.perf_counter() - start)
     times.sort()
 
     def one(_: int) -> float:
         start = time.perf_counter()
-        assert tool.run("print(1)").text == "1"
+        assert run() == "1"
         return time.perf_counter() - start
 
     start = time.perf_counter()
@@ -167,6 +185,7 @@ def main() -> None:
     parser.add_argument("--sandbox-only", action="store_true", help="skip the engine benchmark")
     parser.add_argument("--sandbox-ab", action="store_true",
                         help="with --sandbox-module: alternate calls between it and this checkout's PythonTool")
+    parser.add_argument("--via-registry", action="store_true", help="time sandbox calls through ToolRegistry")
     args = parser.parse_args()
 
     if args.sandbox_ab:
@@ -178,7 +197,7 @@ def main() -> None:
             print(f"| {label} | {ab[name]['median_ms']:.1f} / {ab[name]['p90_ms']:.1f} ms |")
         return
 
-    s = bench_sandbox(args.sandbox_calls, args.sandbox_concurrent, args.sandbox_module)
+    s = bench_sandbox(args.sandbox_calls, args.sandbox_concurrent, args.sandbox_module, args.via_registry)
     if args.sandbox_only:
         print("\n| measure | value |\n|---|---|")
         print(f"| sandbox `print(1)` per call, median / p90 over {s['calls']} | "

@@ -214,9 +214,19 @@ def test_math_equal_latex_vs_plain(prediction, gold):
     assert math_equal(prediction, gold) is True
 
 
-@pytest.mark.parametrize(("prediction", "gold"), [("13", "12"), (r"\frac{1}{3}", "0.5"), ("12.5", "12")])
+@pytest.mark.parametrize(
+    ("prediction", "gold"),
+    [("13", "12"), (r"\frac{1}{3}", "0.5"), ("12.5", "12"),
+     # a false statement, and connectives whose parse kept only the last number
+     ("13 = 12", "12"), (r"11 \land 12", "12"), (r"12 \lor x", "12"), (r"11 \wedge 12", "12"), (r"\neg 12", "12")],
+)
 def test_math_equal_rejects_wrong_answers(prediction, gold):
     assert math_equal(prediction, gold) is False
+
+
+@pytest.mark.parametrize(("prediction", "gold"), [("x = 12", "12"), (r"\frac{24}{2} = 12", "12"), ("12", "x = 12")])
+def test_math_equal_keeps_true_equations(prediction, gold):
+    assert math_equal(prediction, gold) is True
 
 
 def test_math_reward_unparseable_answer_is_zero_and_unparseable_gold_is_none():
@@ -241,17 +251,35 @@ def test_math_reward_works_off_the_main_thread():
     assert out == [[1.0]]
 
 
-def test_math_timeout_off_main_thread_scores_wrong(monkeypatch):
-    def hang(prediction, gold, timeout):
-        threading.Event().wait(5)
-        return True
-
-    monkeypatch.setattr(rewards, "_math_equal_unguarded", hang)
+def _in_thread(fn, seconds=60):
+    """fn() on a non-main thread (TRL's async reward path); [] if it did not return in `seconds`."""
     out: list = []
-    worker = threading.Thread(target=lambda: out.append(math_equal("1", "1", timeout_seconds=1)))
+    worker = threading.Thread(target=lambda: out.append(fn()), daemon=True)
     worker.start()
-    worker.join(10)
-    assert out == [False]
+    worker.join(seconds)
+    return out
+
+
+def test_math_rewards_are_bounded_on_any_thread():
+    """Power towers made sympy hold the GIL far past the guard (off the main thread: no return in 60 s)."""
+    completions = [r"\boxed{9^{9^{9^{9}}}}", r"\boxed{9^{9^{9}}}", r"\boxed{9**9**9}"]
+    out = _in_thread(lambda: math_equivalence_reward(completions=completions, ground_truth=["12"] * 3))
+    assert out == [[0.0, 0.0, 0.0]]
+    # An input the cheap checks let through still ends: the worker process is killed at the deadline ...
+    assert _in_thread(lambda: math_equal(r"(10^{100000})!", "12", timeout_seconds=1)) == [False]
+    # ... and replaced; symbolic towers are not refused.
+    assert _in_thread(lambda: (math_equal("12", "12"), math_equal(r"2^{2^{n}}", r"2^{2^{n}}"))) == [(True, True)]
+    assert math_equal("12.0", "12") is True  # a worker started by a thread that has ended still serves
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reason"),
+    [(r"9^{9^{9}}", "tower"), ("9**9**9", "tower"), ("9^9^9", "tower"), (r"9^{12345678}", "7 or more"),
+     ("123456!", "factorial"), ("1" * 1001, "longer"), ("{" * 40 + "}" * 40, "nested")],
+)
+def test_math_refusal_names_the_reason(prediction, reason):
+    assert reason in rewards.math_refusal(prediction)
+    assert rewards.math_refusal(r"2^{2^{n}} + \\frac{1}{2}") is None
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
@@ -286,6 +314,34 @@ def test_answer_type_reward_dispatches_and_logs():
     )
     assert scores == [1.0, 1.0, 0.0, 0.5, 1.0]  # "eleanor" vs "eleanor of lancaster": P=1, R=1/3
     assert logged["answer_type"] == ["math", "choice", "choice", "qa", "math"]
+
+
+def test_choice_answers_that_are_sentences_name_no_option():
+    completions = [r"\boxed{a guess}", r"\boxed{I am not sure}", r"\boxed{A}", r"\boxed{(i)}", r"\boxed{I. Yes}"]
+    scores = answer_type_reward(completions=completions, ground_truth=["A", "I", "A", "I", "I"])
+    assert scores == [0.0, 0.0, 1.0, 1.0, 1.0]
+    assert [rewards.choice_letter(a) for a in ("a guess", "I am not sure", "B)", "(b) two", r"\text{C}")] == [
+        None, None, "B", "B", "C"]
+
+
+def test_answer_readers_are_linear_in_the_text():
+    """Readers a model's text reaches must not backtrack or rescan: these return at once (minutes if quadratic)."""
+    assert rewards.choice_letter("A" + " " * 100_000 + "x") is None
+    assert rewards.last_boxed("\\boxed{" * 50_000 + "\\boxed{5}") == "5"
+    assert extract_answer("<answer>" * 20_000 + "\\boxed{" * 20_000).endswith("\\boxed{")  # no complete box
+
+
+def test_tool_bonus_counts_executed_calls_not_typed_tags():
+    """A model that types `<python>..</python> <result>..` itself, with no call run, gets no bonus."""
+    typed = both_tools("Paris")
+    assert format_f1_reward(completions=[typed], ground_truth=["Paris"], executed_tool_calls=[{}]) == [1.0]
+    ran = [{"python": 1, "search": 2}]
+    assert format_f1_reward(completions=[typed], ground_truth=["Paris"], executed_tool_calls=ran) == [
+        pytest.approx(1.1)]
+    assert format_answer_type_reward(completions=[typed], ground_truth=["Paris"], executed_tool_calls=[
+        {"python": 1}]) == [1.0]
+    # Called without the keyword (outside the trainer), the tags in the model's text are counted.
+    assert format_f1_reward(completions=[typed], ground_truth=["Paris"]) == [pytest.approx(1.1)]
 
 
 def test_format_answer_type_reward_scores_math_by_equivalence():

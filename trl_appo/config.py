@@ -220,6 +220,20 @@ class APPOConfig(GRPOConfig):
             "prefix included, never the prompt). Paper: 3-6. None = unlimited."
         },
     )
+    max_tool_calls_per_turn: int | None = field(
+        default=8,
+        metadata={
+            "help": "Tool calls one model turn may run (a chat message can ask for many at once); the turn's further "
+            "calls are answered with an error message the model sees and do not run. None = unlimited."
+        },
+    )
+    max_concurrent_tool_calls: int | None = field(
+        default=16,
+        metadata={
+            "help": "Tool calls running at the same time over the whole batch (each Python call is a sandbox with "
+            "its own memory and process caps); further calls wait for a slot. None = unlimited."
+        },
+    )
     tool_timeout: float = field(default=30.0, metadata={"help": "Seconds before a tool call is abandoned."})
     max_tool_output_chars: int = field(
         default=4000, metadata={"help": "Tool output is truncated to this many characters before it is appended."}
@@ -416,6 +430,9 @@ class APPOConfig(GRPOConfig):
             raise ValueError(f"future_kl_decay must be > 0 tokens, got {self.future_kl_decay}.")
         if self.max_tool_calls is not None and self.max_tool_calls < 0:
             raise ValueError("max_tool_calls must be >= 0 or None (unlimited).")
+        for name in ("max_tool_calls_per_turn", "max_concurrent_tool_calls"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or None (unlimited), got {getattr(self, name)}.")
 
     @property
     def branching(self) -> bool:

@@ -277,6 +277,7 @@ def evaluate(
         rollouts = engine.run(repeated, group_size=n)
         expanded = [row for row in batch for _ in range(n)]
         columns = {key: [row.get(key) for row in expanded] for key in expanded[0] if key != "prompt"}
+        columns["executed_tool_calls"] = [r.executed_tool_calls for r in rollouts]  # as the trainer passes it
         scores = score_fn(
             prompts=[row["prompt"] for row in expanded],
             completions=[r.messages for r in rollouts],

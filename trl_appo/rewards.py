@@ -29,15 +29,28 @@ Deviations from the public ARPO release, on purpose:
 * A tool call counts as answered only when its ``<result>`` block follows it, closed, before the next
   call or the answer; the release only checked the order of the first matching tags.
 * ``\boxed{…}`` is extracted with brace matching (``\boxed{\frac{1}{2}}`` gives ``\frac{1}{2}``).
+* The tool bonus counts calls that really ran (the ``executed_tool_calls`` keyword the trainer passes), not tags
+  the model typed.
+
+What rewards read as the model's own text: the rollout engine hands them the model's tokens (decoded) with each
+tool output re-inserted as a fixed, escaped `` <result>\n…\n</result>`` block (:func:`result_block`), and every
+answer and tag reader here works on :func:`model_text`, which drops the inside of those blocks. Tool output can
+neither close its block nor contribute an answer, a tag or a ``\boxed{}``.
+
+Time: every reward is linear in the completion's length, and :func:`math_equal` (the only one that calls sympy)
+runs in a worker process killed after :data:`MATH_TIMEOUT_SECONDS`, so no reward can hang a training step.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
 import re
 import string
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -69,7 +82,15 @@ _TAG_RE = re.compile(r"<(/?)(think|search|python|result|answer)>")
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)")
 _ANSWER_BLOCK_RE = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL)
 _CHOICE_GOLD_RE = re.compile(r"^\(?([A-Z])\)?\.?$")
-_CHOICE_PRED_RE = re.compile(r"^\s*(?:\\text\{)?\(?([A-Za-z])\)?(?:\}|[.:)\s]|$)")
+# An option letter: alone (``D``, ``(d)``, ``\text{D}``, ``D.``), in parentheses before text (``(D) Weak``), or a
+# capital followed by ``.``, ``:`` or ``)`` before text (``D. Weak Non-Sadism``). Never the first word of a sentence:
+# "a guess" and "I am not sure" name no option. Applied to the stripped answer, no nested quantifiers (linear time).
+_TEXT_WRAP_RE = re.compile(r"\\text(?:bf)?\{(.*)\}", re.DOTALL)
+_CHOICE_PRED_RES = (
+    re.compile(r"\(?([A-Za-z])\)?[.:]?"),  # the whole answer (fullmatch)
+    re.compile(r"\(([A-Za-z])\)"),
+    re.compile(r"(?:([A-Z])[.:)]|([a-z])\))(?:\s|$)"),
+)
 _NUMBER_RE = re.compile(r"^\s*\$?\s*[-+]?(?:\d[\d,]*)?\.?\d+\s*(?:\\?%)?\s*\$?\s*$")
 _LATEX_MATH_RE = re.compile(r"\\(?:d?frac|sqrt|pi|cdot|times|infty|pm|circ|log|ln|sin|cos|tan|binom)\b|\^|_\{")
 
@@ -118,6 +139,12 @@ def escape_tool_output(text: str) -> str:
     return text.replace("<result>", "<\\result>").replace("</result>", "<\\/result>")
 
 
+def result_block(content: str) -> str:
+    """A tool output as rewards read it: `` <result>\\n…\\n</result>`` with the inside escaped
+    (:func:`escape_tool_output`), so :func:`model_text` always drops all of it."""
+    return f" <result>\n{escape_tool_output(content)}\n</result>"
+
+
 def completion_to_text(completion: str | Sequence[Mapping[str, Any]]) -> str:
     """The completion as one tag-protocol string.
 
@@ -143,7 +170,7 @@ def completion_to_text(completion: str | Sequence[Mapping[str, Any]]) -> str:
                 inner = inner[len("<result>") : -len("</result>")].strip("\n")
             else:
                 inner = content
-            parts.append(f" <result>\n{escape_tool_output(inner)}\n</result>")
+            parts.append(result_block(inner))
             continue
         parts.append(content)
         parts.extend(tag for call in message.get("tool_calls") or [] if (tag := _tool_call_tag(call)) is not None)
@@ -168,37 +195,41 @@ def model_text(text: str) -> str:
         pos = end
 
 
-def _match_brace(text: str, open_pos: int) -> int | None:
-    """Index of the ``}`` closing the ``{`` at ``open_pos``; escaped ``\\{`` / ``\\}`` do not count."""
-    depth, i = 0, open_pos
+def _closing_braces(text: str) -> dict[int, int]:
+    """Position of the ``}`` closing each ``{`` (unclosed ones absent), in one pass; ``\\{`` / ``\\}`` do not count."""
+    closes: dict[int, int] = {}
+    stack: list[int] = []
+    i = 0
     while i < len(text):
         ch = text[i]
         if ch == "\\":
             i += 2
             continue
         if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return i
+            stack.append(i)
+        elif ch == "}" and stack:
+            closes[stack.pop()] = i
         i += 1
-    return None
+    return closes
 
 
 def last_boxed(text: str) -> str | None:
     r"""Content of the last complete ``\boxed{…}`` (or ``\fbox{…}``) in ``text``, braces matched; None if none.
 
     ``\boxed 5`` (no braces) gives ``5``. An unbalanced last box falls back to the previous complete one.
+    Linear in the text's length however many boxes it holds.
     """
+    closes: dict[int, int] | None = None
     for match in reversed(list(_BOXED_RE.finditer(text))):
         i = match.end()
         if text.startswith("{", i):
-            close = _match_brace(text, i)
+            if closes is None:
+                closes = _closing_braces(text)
+            close = closes.get(i)
             if close is not None:
                 return text[i + 1 : close].strip()
         elif text.startswith(" ", i):
-            token = text[i:].split()
+            token = text[i:].split(maxsplit=1)
             if token:
                 return token[0].rstrip("$").strip()
     return None
@@ -324,9 +355,30 @@ def check_format(text: str) -> tuple[bool, str]:
 
 
 def tool_calls_used(text: str) -> dict[str, int]:
-    """Number of ``<python>`` and ``<search>`` calls the model made (tool output ignored)."""
+    """Number of ``<python>`` and ``<search>`` calls the text shows (tool output ignored).
+
+    Only a fallback for rewards called without ``executed_tool_calls``: in the chat protocol a model can type
+    ``<python>…</python>`` in its message without making a call.
+    """
     text = model_text(text)
     return {tag: text.count(f"</{tag}>") for tag in TOOL_TAGS}
+
+
+def executed_tool_calls(num_rows: int, kwargs: Mapping[str, Any]) -> list[Mapping[str, int]] | None:
+    """Per row, the number of calls per tool name that the rollout engine really executed, or None if unknown.
+
+    Read from the ``executed_tool_calls`` keyword, which :class:`~trl_appo.APPOTrainer` (and
+    :func:`trl_appo.evaluation.evaluate`) pass to reward functions: one ``{tool name: calls}`` mapping per
+    completion (``Rollout.executed_tool_calls``: calls that ran, a branch's prefix included; calls refused by a
+    limit or as malformed are not counted). Without it the tool bonus falls back to :func:`tool_calls_used`.
+    """
+    values = kwargs.get("executed_tool_calls")
+    if values is None:
+        return None
+    values = list(values)
+    if len(values) != num_rows:
+        raise ValueError(f"{len(values)} executed_tool_calls entries for {num_rows} completions")
+    return [v if isinstance(v, Mapping) else {} for v in values]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -334,26 +386,66 @@ def tool_calls_used(text: str) -> dict[str, int]:
 # ----------------------------------------------------------------------------------------------------
 
 MATH_TIMEOUT_SECONDS = 5
-"""Seconds math-verify may spend on one parse or comparison before the answer counts as wrong."""
+"""Seconds one :func:`math_equal` may take before the answer counts as wrong (a hard bound, on any thread)."""
+
+MAX_MATH_ANSWER_CHARS = 1000
+"""Longer predictions are not math answers: scored wrong without parsing."""
+
+MATH_WORKERS = 4
+"""At most this many math-verify worker processes (one per thread scoring math at the same time)."""
+
+_WORKER_START_SECONDS = 120.0  # importing sympy + math-verify in a fresh interpreter: ~1-2 s, slower when loaded
 
 
-def _call_with_timeout(fn: Callable[[int | None], Any], seconds: int) -> tuple[bool, Any]:
-    """Run ``fn(timeout)`` guarded by a timeout; returns ``(finished, value)``.
+def _exponent_spans(s: str) -> list[tuple[int, int]]:
+    """``(start, end)`` of the exponent after each ``^`` / ``**``: a ``{…}`` / ``(…)`` group or one token."""
+    spans = []
+    for match in re.finditer(r"\^|\*\*", s):
+        j = match.end()
+        while j < len(s) and s[j] == " ":
+            j += 1
+        if j < len(s) and s[j] in "{(":
+            depth, k = 0, j
+            while k < len(s):
+                depth += {"{": 1, "(": 1, "}": -1, ")": -1}.get(s[k], 0)
+                k += 1
+                if depth == 0:
+                    break
+            spans.append((j, k))
+        else:
+            token = re.match(r"[-+]?\s*(?:\\[A-Za-z]+|[\w.]+)", s[j:])
+            spans.append((j, j + (token.end() if token else 0)))
+    return spans
 
-    math-verify's own timeouts use ``signal.alarm``, which only works in the main thread; TRL calls async
-    reward functions (and some users call rewards) from other threads. There we switch math-verify's timeout
-    off and wait for a daemon helper thread instead: a runaway sympy computation then keeps running in the
-    background until it ends, but the reward call returns.
+
+def math_refusal(prediction: str) -> str | None:
+    r"""Why a predicted answer is scored wrong without parsing (None: parse it).
+
+    Cheap checks against inputs that make sympy compute for minutes while holding the GIL: over
+    :data:`MAX_MATH_ANSWER_CHARS` characters, brackets nested over 32 deep, a numeric power tower (``9^{9^{9}}``,
+    ``9**9**9``), an exponent literal of 7+ digits, a factorial of a 5+ digit number. Symbolic towers (``2^{2^{n}}``)
+    pass. Whatever passes is still bounded by the worker's timeout (:func:`math_equal`).
     """
-    if threading.current_thread() is threading.main_thread():
-        return True, fn(seconds)
-    for name in ("math_verify.parser", "math_verify.grader"):  # "timeout is disabled": we time out here
-        logging.getLogger(name).setLevel(logging.ERROR)
-    box: list[Any] = []
-    worker = threading.Thread(target=lambda: box.append(fn(None)), daemon=True)
-    worker.start()
-    worker.join(seconds)
-    return (True, box[0]) if box else (False, None)
+    if len(prediction) > MAX_MATH_ANSWER_CHARS:
+        return f"longer than {MAX_MATH_ANSWER_CHARS} characters"
+    depth = deepest = 0
+    for ch in prediction:
+        depth += {"{": 1, "(": 1, "[": 1, "}": -1, ")": -1, "]": -1}.get(ch, 0)
+        deepest = max(deepest, depth)
+    if deepest > 32:
+        return "brackets nested over 32 deep"
+    for start, end in _exponent_spans(prediction):
+        exponent = prediction[start:end]
+        numeric = not re.search(r"[A-Za-z]", re.sub(r"\\(?:left|right|cdot|times)", "", exponent))
+        if numeric and re.search(r"\^|\*\*", exponent):
+            return "a numeric power tower"
+        if numeric and re.match(r"\s*(?:\^|\*\*)", prediction[end:]):
+            return "a numeric power tower"
+        if re.search(r"\d{7,}", exponent):
+            return "an exponent of 7 or more digits"
+    if re.search(r"\d{5,}\s*!", prediction):
+        return "a factorial of a 5-digit number"
+    return None
 
 
 def _clean_math(s: str) -> str:
@@ -361,21 +453,45 @@ def _clean_math(s: str) -> str:
 
 
 def _parse_math(s: str, timeout: int | None) -> list[list[Any]]:
-    """math-verify readings of a bare answer: as ``\\boxed{s}`` and as ``$s$``.
+    """math-verify readings of a bare answer: as ``\\boxed{s}`` and as ``$s$``, LaTeX extraction only.
 
-    Empty list when neither reading gives a sympy object (math-verify's plain-string fallback is not math).
+    Empty list when neither reading gives a sympy object (math-verify's plain-string fallback is not math). Only the
+    LaTeX extractor is used: math-verify's expression extractor finds a number *somewhere* in free text, so
+    ``11 \land 12`` or ``12 \lor x`` read as ``12``.
     """
-    from math_verify import parse
+    from math_verify import LatexExtractionConfig, parse
 
     readings = []
     for wrapped in (f"\\boxed{{{s}}}", f"${s}$"):
         try:
-            parsed = parse(wrapped, parsing_timeout=timeout)
+            parsed = parse(wrapped, extraction_config=[LatexExtractionConfig()], parsing_timeout=timeout)
         except Exception:  # math-verify raises on some inputs despite raise_on_error=False
             parsed = []
         readings.append(parsed)
     is_math = any(not isinstance(item, str) for reading in readings for item in reading)
     return readings if is_math else []
+
+
+def _false_constant_equation(parsed: list[Any]) -> bool:
+    """Whether a parsed prediction states an equation between two unequal constants (``13 = 12``).
+
+    math-verify compares an equation's right-hand side with a plain gold (``x = 12`` is 12), which would make the
+    false statement ``13 = 12`` a right answer for 12.
+    """
+    import sympy
+
+    for item in parsed:
+        if isinstance(item, str) or not isinstance(item, sympy.Basic):
+            continue
+        for relation in item.atoms(sympy.Eq):
+            lhs, rhs = relation.lhs, relation.rhs
+            if getattr(lhs, "is_number", False) and getattr(rhs, "is_number", False):
+                try:
+                    if sympy.Eq(lhs, rhs) is sympy.false:
+                        return True
+                except Exception:  # noqa: BLE001 - undecidable comparisons are left to math-verify
+                    continue
+    return False
 
 
 def _math_equal_unguarded(prediction: str, gold: str, timeout: int | None) -> bool | None:
@@ -385,9 +501,11 @@ def _math_equal_unguarded(prediction: str, gold: str, timeout: int | None) -> bo
     if not gold_readings:
         return None
     pred = _clean_math(prediction)
-    if not pred:
+    if not pred or math_refusal(pred) is not None:
         return False
     pred_readings = _parse_math(pred, timeout)
+    if any(_false_constant_equation(reading) for reading in pred_readings):
+        return False
     for gold_parsed, pred_parsed in zip(gold_readings, pred_readings):
         if not gold_parsed or not pred_parsed:
             continue
@@ -399,15 +517,158 @@ def _math_equal_unguarded(prediction: str, gold: str, timeout: int | None) -> bo
     return False
 
 
+def _math_worker_main() -> None:
+    """A math-verify worker process: one JSON request per stdin line, one JSON answer per stdout line."""
+    import resource
+    import sys
+
+    logging.disable(logging.CRITICAL)  # math-verify logs every parse failure and timeout
+    _math_equal_unguarded("x = 1/2", "0.5", None)  # loads math-verify's parser and sympy's lazy parts before "ready"
+
+    out = sys.stdout.buffer
+    out.write(b'{"ready": true}\n')
+    out.flush()
+    for line in sys.stdin.buffer:  # EOF: the trainer is gone
+        try:
+            request = json.loads(line)
+            # The kernel ends this process (SIGXCPU) if one request outlives its CPU budget, so a worker whose
+            # trainer died mid-request does not compute a huge power forever (the trainer kills it at the deadline).
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            budget = int(usage.ru_utime + usage.ru_stime) + 4 * int(request["timeout"]) + 10
+            hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+            budget = budget if hard == resource.RLIM_INFINITY else min(budget, hard)
+            resource.setrlimit(resource.RLIMIT_CPU, (budget, hard))
+            value = _math_equal_unguarded(request["prediction"], request["gold"], request["timeout"])
+        except BaseException:  # noqa: BLE001 - MemoryError, RecursionError ...: the answer is wrong, not the worker
+            value = False
+        out.write(json.dumps({"value": value}).encode() + b"\n")
+        out.flush()
+
+
+class _MathWorker:
+    """One worker process running :func:`_math_worker_main`; killed when a request outlives its deadline."""
+
+    def __init__(self) -> None:
+        import subprocess
+        import sys
+
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        env["OMP_NUM_THREADS"] = "1"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from trl_appo.rewards import _math_worker_main; _math_worker_main()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, close_fds=True,
+        )
+        self._buffer = b""
+        line = self._read_line(time.monotonic() + _WORKER_START_SECONDS)
+        if line is None or json.loads(line).get("ready") is not True:
+            code = self.kill()
+            raise RuntimeError(
+                f"the math-verify worker process did not start (exit code {code}); check that `python -c 'import "
+                "math_verify, trl_appo.rewards'` works with this interpreter"
+            )
+
+    def _read_line(self, deadline: float) -> bytes | None:
+        import select
+
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:  # the worker died
+                return None
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+    def ask(self, request: dict[str, Any], seconds: float) -> tuple[bool, Any]:
+        """``(True, answer)``, or ``(False, None)`` when the worker did not answer within ``seconds`` (it is killed)."""
+        try:
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            self.proc.stdin.flush()
+        except OSError:
+            return False, None
+        line = self._read_line(time.monotonic() + seconds)
+        if line is None:
+            return False, None
+        return True, json.loads(line)["value"]
+
+    def kill(self) -> int | None:
+        self.proc.kill()
+        code = self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        return code
+
+
+class _MathPool:
+    """Idle workers shared by all threads; a worker that timed out is killed and replaced on demand."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.idle: list[_MathWorker] = []
+        self.total = 0
+        self.cond = threading.Condition()
+        atexit.register(self.close)
+
+    def run(self, request: dict[str, Any], seconds: float) -> tuple[bool, Any]:
+        with self.cond:
+            while not self.idle and self.total >= self.size:
+                self.cond.wait()
+            worker = self.idle.pop() if self.idle else None
+            if worker is None:
+                self.total += 1
+        finished = False
+        try:
+            if worker is None:
+                worker = _MathWorker()
+            finished, value = worker.ask(request, seconds)
+            return finished, value
+        finally:
+            if not finished and worker is not None:
+                worker.kill()
+            with self.cond:
+                if finished:
+                    self.idle.append(worker)
+                else:
+                    self.total -= 1
+                self.cond.notify()
+
+    def close(self) -> None:
+        with self.cond:
+            workers, self.idle = self.idle, []
+            self.total -= len(workers)
+        for worker in workers:
+            worker.kill()
+
+
+_MATH_POOL = _MathPool(MATH_WORKERS)
+
+
 def math_equal(prediction: str, gold: str, timeout_seconds: int = MATH_TIMEOUT_SECONDS) -> bool | None:
     r"""Whether ``prediction`` is mathematically equal to ``gold`` (bare answers, no ``\boxed``), via math-verify.
 
     Both are read as ``\boxed{·}`` and as ``$·$``; the answer is right if either reading verifies. So
-    ``12.0`` equals ``12``, ``0.5`` equals ``\frac{1}{2}``, ``-6+3\sqrt{3}`` equals ``3\sqrt{3} - 6``.
+    ``12.0`` equals ``12``, ``0.5`` equals ``\frac{1}{2}``, ``-6+3\sqrt{3}`` equals ``3\sqrt{3} - 6``; ``x = 12``
+    equals ``12`` but the false statement ``13 = 12`` does not, and ``11 \land 12`` is not read as ``12``.
     Returns None when the gold cannot be parsed at all, False when the prediction is empty, unparseable,
-    different, or math-verify timed out or failed. Works off the main thread (see ``_call_with_timeout``).
+    refused by :func:`math_refusal`, different, or not decided within ``timeout_seconds``.
+
+    The check runs in a worker process (a small pool, shared by all threads, ~0.1 ms of overhead per call), which
+    is killed when the time is up: sympy can hold the GIL for minutes on one big-integer power, which no thread or
+    signal can interrupt. So the bound holds on any thread. The first call starts a worker (~1-2 s).
     """
-    finished, value = _call_with_timeout(lambda t: _math_equal_unguarded(prediction, gold, t), timeout_seconds)
+    refusal = math_refusal(_clean_math(prediction))  # the worker refuses it too (after reading the gold)
+    if refusal is not None:
+        _warn_once(f"math_refused:{refusal}", f"math answer refused without parsing ({refusal}); scored as wrong")
+    request = {"prediction": prediction, "gold": gold, "timeout": max(1, int(timeout_seconds))}
+    finished, value = _MATH_POOL.run(request, timeout_seconds + 1.0)
     if not finished:
         _warn_once("math_timeout", f"math-verify timed out after {timeout_seconds}s (gold {gold!r}); scored as wrong")
         return False
@@ -504,9 +765,17 @@ def answer_type(gold: str, ability: str | None = None, data_source: str | None =
 
 
 def choice_letter(answer: str) -> str | None:
-    r"""The option letter an answer names (``D``, ``(d)``, ``D. Weak Non-Sadism``, ``\text{D}``), upper-cased."""
-    match = _CHOICE_PRED_RE.match(answer)
-    return match.group(1).upper() if match else None
+    r"""The option letter an answer names (``D``, ``(d)``, ``D. Weak Non-Sadism``, ``\text{D}``), upper-cased.
+
+    None when the answer is text that merely starts with a letter-word ("a guess", "I am not sure").
+    """
+    answer = answer.strip()
+    wrapped = _TEXT_WRAP_RE.fullmatch(answer)
+    if wrapped:
+        answer = wrapped.group(1).strip()
+    alone, parenthesised, delimited = _CHOICE_PRED_RES
+    match = alone.fullmatch(answer) or parenthesised.match(answer) or delimited.match(answer)
+    return next(g for g in match.groups() if g).upper() if match else None
 
 
 def _score_answer(
@@ -603,6 +872,8 @@ def _format_gated(
     kwargs: dict[str, Any],
     answer_score: Callable[[int, str, list[str]], float | None],
 ) -> list[float | None]:
+    executed = executed_tool_calls(len(completions), kwargs)
+
     def score(i: int, text: str, aliases: list[str]) -> float | None:
         ok, _ = check_format(text)
         if not ok:
@@ -610,8 +881,8 @@ def _format_gated(
         value = answer_score(i, extract_answer(text), aliases)
         if value is None:
             return None
-        used = tool_calls_used(text)
-        if value > 0 and all(used[tag] > 0 for tag in TOOL_TAGS):
+        used = executed[i] if executed is not None else tool_calls_used(text)
+        if value > 0 and all((used.get(tag) or 0) > 0 for tag in TOOL_TAGS):
             value += TOOL_BONUS
         return value
 
@@ -623,9 +894,11 @@ def format_f1_reward(prompts=None, completions=None, completion_ids=None, **kwar
 
     Returns per row: −1.0 when :func:`check_format` fails (unpaired think tags, not exactly one answer
     block, a tool call without its result, no ``\boxed{}`` in the answer); otherwise the SQuAD token F1 of
-    the boxed answer against the gold (best alias), plus 0.1 when that F1 > 0 and both ``<python>`` and
-    ``<search>`` were called (so at most 1.1); None where the gold is empty. Only completion text is read,
-    never the prompt, and tool output inside ``<result>`` blocks is ignored.
+    the boxed answer against the gold (best alias), plus 0.1 when that F1 > 0 and both ``python`` and
+    ``search`` were called (so at most 1.1); None where the gold is empty. Only completion text is read,
+    never the prompt, and tool output inside ``<result>`` blocks is ignored. Tool use is counted from the
+    ``executed_tool_calls`` keyword when given (the trainer gives it: calls that really ran), else from the
+    tags in the model's text (:func:`executed_tool_calls`).
     """
     return _format_gated(
         "format_f1_reward", completions, kwargs, lambda i, pred, aliases: max(token_f1(pred, a) for a in aliases)

@@ -184,7 +184,8 @@ class APPOTrainer(GRPOTrainer):
                         "tokenizer.response_template (see TRL's chat_template_utils), use a chat template TRL "
                         "knows, or use tool_protocol='tags'."
                     ) from e
-        registry = ToolRegistry(self._appo_tools, timeout=args.tool_timeout, max_output_chars=args.max_tool_output_chars)
+        registry = ToolRegistry(self._appo_tools, timeout=args.tool_timeout, max_output_chars=args.max_tool_output_chars,
+                                max_concurrent=args.max_concurrent_tool_calls)
         if args.tool_protocol == "chat":
             protocol = ChatTemplateProtocol(tokenizer, chat_template_kwargs=self.chat_template_kwargs)
         else:
@@ -204,6 +205,7 @@ class APPOTrainer(GRPOTrainer):
             # instead of earning a "malformed tool call" turn and another assistant turn.
             max_tool_calls=args.max_tool_calls if self._appo_tools else 0,
             on_tool_limit="message" if self._appo_tools else "end",
+            max_tool_calls_per_turn=args.max_tool_calls_per_turn,
             should_continue=self._engine_should_continue if self.accelerator.num_processes > 1 else None,
         )
 
@@ -272,13 +274,16 @@ class APPOTrainer(GRPOTrainer):
             self._appo_last_rollouts = None
         return tuple(out)
 
-    @staticmethod
-    def _completions_for_rewards(prompts, rollouts):
+    def _completions_for_rewards(self, prompts, rollouts):
+        """What reward functions read: the engine's messages, or for plain-text prompts its `reward_text` (model
+        tokens, tool output as escaped <result> blocks; never the decoded completion, whose tool output would read as
+        the model's). The rollouts' executed tool calls go to the next `_calculate_rewards` (same rows, same order)."""
         from trl.data_utils import is_conversational
 
+        self._appo_executed_tool_calls = [dict(r.executed_tool_calls) for r in rollouts]
         if prompts and is_conversational({"prompt": prompts[0]}):
             return [r.messages for r in rollouts]
-        return [r.text for r in rollouts]
+        return [r.reward_text for r in rollouts]
 
     def _log_rollout_metrics(self, rollouts, mode: str, prefix: str) -> None:
         """Tool use and decoded tokens (a branch's copied prefix is not decoded), summed over all ranks."""
@@ -304,6 +309,11 @@ class APPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ rewards
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # Reward functions get `executed_tool_calls` (one {tool: calls that ran} per row, trl_appo.rewards) as a
+        # keyword: TRL passes every input column on, so it rides along as one.
+        executed, self._appo_executed_tool_calls = getattr(self, "_appo_executed_tool_calls", None), None
+        if executed is not None and len(executed) == len(inputs):
+            inputs = [{**row, "executed_tool_calls": calls} for row, calls in zip(inputs, executed, strict=True)]
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._appo_root_rewards = rewards  # gathered (rows of all ranks, F); read right after super() returns
         return rewards

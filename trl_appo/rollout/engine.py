@@ -20,6 +20,11 @@ answers them with an error telling the model the limit is reached, so the trajec
 the model can still answer (finish_reason stays "stop"/"length"; `tool_stats.limit_hits` counts them);
 `on_tool_limit="end"` ends the episode at the first call over the limit with finish_reason "tool_limit".
 
+Per-turn limit (`max_tool_calls_per_turn`, default 8): one model turn may ask for many calls at once (a chat
+message with 24 calls); only the first ones run, the others are answered with an error the model sees (counted in
+`tool_stats.limit_hits`, not against the rollout's budget). How many calls run at the same time over the whole batch
+is the registry's bound (`ToolRegistry(max_concurrent=...)`).
+
 Branches (`Prefix`): the prefix's ids, mask and log-probs are copied, its earlier calls are counted (and
 primed into stateful tools' sessions), and its trailing run decides the start: a prefix ending mid-turn or
 inside a call keeps generating, one ending at a complete unexecuted call executes it first, one ending at
@@ -30,10 +35,12 @@ from __future__ import annotations
 
 import itertools
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..rewards import completion_to_text
 from ..tools.base import Tool, ToolCall, ToolRegistry, ToolResult, ToolStats
 from .protocols import ToolProtocol, TurnParse, model_runs
 
@@ -63,6 +70,10 @@ class Rollout:
     tool_stats: ToolStats
     finish_reason: FinishReason
     prefix_length: int  # 0 for roots
+    # What rewards read for a plain-text prompt: the model's runs, tool output as fixed escaped <result> blocks.
+    reward_text: str = ""
+    # Calls per tool name that ran (a branch's prefix included; refused and malformed calls excluded).
+    executed_tool_calls: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -79,6 +90,7 @@ class _Row:
     session: str = field(default_factory=lambda: uuid.uuid4().hex)
     stats: ToolStats = field(default_factory=ToolStats)
     calls_used: int = 0
+    executed: Counter = field(default_factory=Counter)
     pending: list[ToolCall] = field(default_factory=list)
     known_tool_messages: dict[int, list[dict]] = field(default_factory=dict)
     finish_reason: FinishReason | None = None
@@ -122,6 +134,8 @@ class RolloutEngine:
         tools: a `ToolRegistry` or an iterable of tools / functions.
         max_completion_length: budget of the whole completion (prefix and tool output included).
         max_tool_calls: per-rollout call limit (None: unlimited).
+        max_tool_calls_per_turn: calls one model turn may run (None: unlimited); the turn's further calls are
+            answered with an error message.
         on_tool_limit: "message" (answer extra calls with an error) or "end" (finish_reason "tool_limit").
         max_context_length: optional bound on prompt + completion (finish_reason "context").
         should_continue: optional `hook(local_any_active) -> bool`, called once per turn; while it returns True
@@ -138,17 +152,21 @@ class RolloutEngine:
         max_completion_length: int = 1024,
         max_tool_calls: int | None = None,
         on_tool_limit: Literal["message", "end"] = "message",
+        max_tool_calls_per_turn: int | None = 8,
         max_context_length: int | None = None,
         should_continue: Callable[[bool], bool] | None = None,
     ):
         if on_tool_limit not in ("message", "end"):
             raise ValueError(f"on_tool_limit must be 'message' or 'end', got {on_tool_limit!r}")
+        if max_tool_calls_per_turn is not None and max_tool_calls_per_turn < 1:
+            raise ValueError(f"max_tool_calls_per_turn must be >= 1 or None, got {max_tool_calls_per_turn}")
         self.generate_fn = generate_fn
         self.tokenizer = tokenizer
         self.protocol = protocol
         self.tools = ToolRegistry.coerce(tools)
         self.max_completion_length = max_completion_length
         self.max_tool_calls = max_tool_calls
+        self.max_tool_calls_per_turn = max_tool_calls_per_turn
         self.on_tool_limit = on_tool_limit
         self.max_context_length = max_context_length
         self.should_continue = should_continue
@@ -212,22 +230,40 @@ class RolloutEngine:
             reason,
             len(prefix.completion_ids),
         )
-        # Calls already made in the prefix count against the limit and seed stateful tools' sessions.
-        prefix_calls = self._executed_calls(row)
-        row.calls_used = len(prefix_calls)
-        self.tools.prime(row.session, prefix_calls)
+        # Calls already made in the prefix count against the limit, count as executed for the rewards and seed
+        # stateful tools' sessions: the same admission as when they were made decides which of them ran.
+        ran: list[ToolCall] = []
+        for calls in self._answered_turns(row):
+            for call, refusal in zip(calls, self._admit(row, calls), strict=True):
+                if refusal is None and self.tools.validate(call) is None:
+                    row.executed[call.name] += 1
+                    ran.append(call)
+        self.tools.prime(row.session, ran)
         return self._settle(row)
 
-    def _executed_calls(self, row: _Row) -> list[ToolCall]:
-        """Calls of the model runs that are followed by a tool run (i.e. were answered)."""
-        calls: list[ToolCall] = []
+    def _answered_turns(self, row: _Row) -> list[list[ToolCall]]:
+        """The calls of each model run that is followed by a tool run (i.e. was answered)."""
+        turns: list[list[ToolCall]] = []
         runs = model_runs(row.model_mask)
         for (start, end, is_model), nxt in zip(runs, runs[1:], strict=False):
             if is_model and nxt[2] == 0:
                 run = row.completion_ids[start:end]
                 end_kind = self.protocol.run_end(run)
-                calls += self._parse_turn(run, row.prompt_ids + row.completion_ids[:start], end_kind).calls
-        return calls
+                turns.append(self._parse_turn(run, row.prompt_ids + row.completion_ids[:start], end_kind).calls)
+        return turns
+
+    def _admit(self, row: _Row, calls: list[ToolCall]) -> list[str | None]:
+        """Per call of one turn: None if it may run (counted in `row.calls_used`), else which limit refuses it."""
+        verdicts: list[str | None] = []
+        for k, _ in enumerate(calls):
+            if self.max_tool_calls_per_turn is not None and k >= self.max_tool_calls_per_turn:
+                verdicts.append("turn")
+            elif self.max_tool_calls is not None and row.calls_used >= self.max_tool_calls:
+                verdicts.append("episode")
+            else:
+                row.calls_used += 1
+                verdicts.append(None)
+        return verdicts
 
     def _parse_turn(self, run: list[int], context_ids: list[int], end: Any) -> TurnParse:
         """The protocol's parse, where any exception (RecursionError on deeply nested JSON, a template
@@ -264,16 +300,18 @@ class RolloutEngine:
         sessions: list[str] = []
         for row in rows:
             calls, row.pending = row.pending, []
-            over = self.max_tool_calls is not None and row.calls_used + len(calls) > self.max_tool_calls
+            admitted = min(len(calls), self.max_tool_calls_per_turn or len(calls))
+            over = self.max_tool_calls is not None and row.calls_used + admitted > self.max_tool_calls
             if over and self.on_tool_limit == "end":
                 row.finish_reason = "tool_limit"
                 continue
             results: list[ToolResult | None] = []
-            for call in calls:
-                if self.max_tool_calls is not None and row.calls_used >= self.max_tool_calls:
-                    results.append(self._limit_result(call))
+            for call, refusal in zip(calls, self._admit(row, calls), strict=True):
+                if refusal is not None:
+                    results.append(self._limit_result(call, refusal))
                 else:
-                    row.calls_used += 1
+                    if self.tools.validate(call) is None:
+                        row.executed[call.name] += 1
                     results.append(None)
                     to_run.append(call)
                     sessions.append(row.session)
@@ -292,11 +330,17 @@ class RolloutEngine:
             if row.room <= 0:
                 row.finish_reason = row.budget_reason
 
-    def _limit_result(self, call: ToolCall) -> ToolResult:
-        text = (
-            f"Error: the tool-call limit of this episode ({self.max_tool_calls} calls) is reached; "
-            "no more tools will run. Give your final answer."
-        )
+    def _limit_result(self, call: ToolCall, limit: str = "episode") -> ToolResult:
+        if limit == "turn":
+            text = (
+                f"Error: at most {self.max_tool_calls_per_turn} tool calls run per turn; this call was not run. "
+                "Make fewer calls at once."
+            )
+        else:
+            text = (
+                f"Error: the tool-call limit of this episode ({self.max_tool_calls} calls) is reached; "
+                "no more tools will run. Give your final answer."
+            )
         return ToolResult(call.name, text, failed=False, counted=False)
 
     def _generate(self, rows: list[_Row], group_size: int) -> None:
@@ -363,4 +407,6 @@ class RolloutEngine:
             tool_stats=row.stats,
             finish_reason=row.finish_reason or "stop",
             prefix_length=row.prefix_length,
+            reward_text=completion_to_text(messages),
+            executed_tool_calls=dict(row.executed),
         )

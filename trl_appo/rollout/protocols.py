@@ -8,13 +8,21 @@ engine, always on token ids (ids are never re-derived from decoded text):
 * which ids to append for the results: `render_results(calls, results, context_ids)` (masked with 0);
 * what reward functions receive: `messages(prompt_ids, completion_ids, model_mask, known_tool_messages)`.
 
+Tool output is untrusted text (a search snippet, or what the model's own code prints). It is encoded by
+`encode_pieces`, which never lets it yield an added or special token id: `<|im_start|>`, `<|im_end|>`,
+`<|endoftext|>`, `<tool_call>`, the tag tokens ... in tool output become ordinary text tokens, so tool output can
+neither plant control ids in the policy's context nor vanish from a `skip_special_tokens` decode. Only the
+template's own glue around it is encoded with special-token parsing. Benign output gets exactly the ids a plain
+`tokenizer(text)` of the whole rendering gives.
+
 Two protocols:
 
 * `ChatTemplateProtocol`: the chat template's own tool calls, as TRL and transformers do them (JSON schemas
   from `get_json_schema`, parsing with `trl.chat_template_utils.parse_response`, tool turns rendered by the
   template and appended as the suffix ids of a dummy conversation, like TRL's `_get_tool_suffix_ids`).
 * `TagProtocol`: the paper's `<python>…</python>` / `<search>…</search>` calls answered with
-  ` <result>\\n…\\n</result>` (docs/algorithm.md §6). Messages are one assistant message with the decoded completion.
+  ` <result>\\n…\\n</result>` (docs/algorithm.md §6). Messages are one assistant message: the model's
+  runs decoded, each tool output re-inserted as a fixed escaped result block (never the completion decoded whole).
 
 A "model run" is a maximal stretch of completion tokens with mask 1 (one assistant turn, or the part of it
 generated so far); a "tool run" is a stretch with mask 0 (tool output and template glue).
@@ -24,12 +32,13 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..rewards import escape_tool_output
+from ..rewards import escape_tool_output, result_block
 from ..tools.base import ToolCall, ToolRegistry, ToolResult
 
 RunEnd = Literal["eos", "stop"] | None  # how a model run ended: end-of-turn token, stop string, or still open
@@ -67,7 +76,84 @@ class ToolProtocol(ABC):
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def encode(self, text: str) -> list[int]:
+        """Ids of trusted text (prompts, template glue): special tokens in it are parsed."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @property
+    def control_ids(self) -> frozenset[int]:
+        """Ids that untrusted text must never yield: every added token (special or not) and every special id."""
+        ids = getattr(self, "_control_ids", None)
+        if ids is None:
+            ids = frozenset(getattr(self.tokenizer, "added_tokens_decoder", {}) or {})
+            ids |= frozenset(getattr(self.tokenizer, "all_special_ids", []) or [])
+            self._control_ids = ids
+        return ids
+
+    def _plain_backend(self) -> Any:
+        """The fast tokenizer's pipeline without its added vocabulary (None for a slow tokenizer)."""
+        if not hasattr(self, "_plain"):
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            self._plain = None
+            if backend is not None:
+                from tokenizers import Tokenizer
+
+                spec = json.loads(backend.to_str())
+                spec["added_tokens"], spec["truncation"], spec["padding"] = [], None, None
+                self._plain = Tokenizer.from_str(json.dumps(spec))
+        return self._plain
+
+    def _plain_ids(self, text: str) -> list[int]:
+        """Ids of untrusted text alone: normaliser, pre-tokeniser and model only, never a control id."""
+        if not text:
+            return []
+        plain = self._plain_backend()
+
+        def enc(t: str) -> list[int]:
+            if plain is not None:
+                return list(plain.encode(t, add_special_tokens=False).ids)
+            return list(self.tokenizer(t, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+        ids = enc(text)
+        control = self.control_ids
+        if control.isdisjoint(ids):
+            return ids
+        # A vocabulary whose ordinary merges spell a control token (or a slow tokenizer that still matched a
+        # non-special added token): character by character, and whatever is still a control id is dropped.
+        return [i for ch in text for i in enc(ch) if i not in control]
+
+    def encode_pieces(self, pieces: Sequence[tuple[str, bool]]) -> list[int]:
+        """Ids of the concatenated `(text, trusted)` pieces, where untrusted text never yields a control id.
+
+        Encodes the whole text once, as `encode` does; if an added/special token matched inside (or across the
+        edge of) an untrusted piece, the text is re-encoded with only the control tokens that lie wholly in
+        trusted pieces kept, and every stretch between them encoded without the added vocabulary. So benign tool
+        output gets exactly the ids of a plain encode (TRL's rendering), and hostile output only text ids.
+        """
+        text = "".join(t for t, _ in pieces)
+        spans, pos = [], 0
+        for t, trusted in pieces:
+            if not trusted and t:
+                spans.append((pos, pos + len(t)))
+            pos += len(t)
+        control = self.control_ids
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:  # slow tokenizer: no offsets; encode piece by piece
+            return [i for t, trusted in pieces for i in (self.encode(t) if trusted else self._plain_ids(t))]
+        encoding = backend.encode(text, add_special_tokens=False)
+
+        def untrusted(start: int, end: int) -> bool:
+            return any(start < b and a < max(end, start + 1) for a, b in spans)
+
+        tokens = list(zip(encoding.ids, encoding.offsets, strict=True))
+        if not any(i in control and untrusted(*span) for i, span in tokens):
+            return list(encoding.ids)
+        ids, pos = [], 0
+        for i, (start, end) in tokens:
+            if i in control and not untrusted(start, end) and start >= pos:
+                ids += self._plain_ids(text[pos:start])
+                ids.append(i)
+                pos = end
+        return ids + self._plain_ids(text[pos:])
 
     def run_end(self, run_ids: Sequence[int]) -> RunEnd:
         """How a model run ended: at an end-of-turn token, at a stop string, or not yet."""
@@ -128,6 +214,10 @@ class TagProtocol(ToolProtocol):
         self.tags = tuple(tags)
         self.stop_strings = tuple(f"</{t}>" for t in self.tags)
         self.result_template = result_template
+        parts = result_template.format(content="\x00").split("\x00")
+        if len(parts) != 2:
+            raise ValueError(f"result_template must contain '{{content}}' exactly once, got {result_template!r}")
+        self._result_before, self._result_after = parts
 
     def tokenize_prompt(self, prompt: str | list[dict], tools: ToolRegistry) -> list[int]:
         # Tools are described in the system prompt by the dataset (as in ARPO), so no schemas are rendered.
@@ -160,13 +250,33 @@ class TagProtocol(ToolProtocol):
     def render_results(
         self, calls: list[ToolCall], results: list[ToolResult], context_ids: list[int]
     ) -> tuple[list[int], list[dict]]:
-        # Escaped, so an output containing "</result><answer>..." cannot pass for the model's own text.
-        text = "".join(self.result_template.format(content=escape_tool_output(r.content)) for r in results)
-        return self.encode(text), [{"role": "tool", "name": r.name, "content": r.content} for r in results]
+        # Escaped, so the model reads "</result>" in an output as text; encoded as untrusted, so no special token.
+        pieces: list[tuple[str, bool]] = []
+        for r in results:
+            pieces += [(self._result_before, True), (escape_tool_output(r.content), False), (self._result_after, True)]
+        return self.encode_pieces(pieces), [{"role": "tool", "name": r.name, "content": r.content} for r in results]
 
     def messages(self, prompt_ids, completion_ids, model_mask, known_tool_messages, tools) -> list[dict]:
-        # The paper's reward reads the whole completion text, tool results included.
-        return [{"role": "assistant", "content": self.decode(completion_ids, skip_special_tokens=True)}]
+        """One assistant message: the model's runs decoded, each tool run re-inserted as a fixed, escaped
+        ` <result>\\n…\\n</result>` block (`rewards.result_block`), never decoded from the completion as a whole,
+        so no tool output can close its block and pass for the model's text (`rewards.model_text`)."""
+        parts = []
+        for start, end, is_model in model_runs(model_mask):
+            run = completion_ids[start:end]
+            if is_model:
+                parts.append(self.decode(run, skip_special_tokens=True))
+            elif start in known_tool_messages:
+                parts.extend(result_block(m["content"]) for m in known_tool_messages[start])
+            else:
+                parts.append(result_block(self._recover_result(run)))
+        return [{"role": "assistant", "content": "".join(parts)}]
+
+    def _recover_result(self, run_ids: list[int]) -> str:
+        """The (escaped) output of a tool run in a branch's prefix; the whole run's text if it does not fit."""
+        text = self.decode(run_ids)  # special tokens kept visible: nothing in a tool run may vanish
+        pattern = re.escape(self._result_before) + "(.*)" + re.escape(self._result_after)
+        match = re.fullmatch(pattern, text, flags=re.DOTALL)
+        return match.group(1) if match else text
 
 
 class ChatTemplateProtocol(ToolProtocol):
@@ -187,7 +297,9 @@ class ChatTemplateProtocol(ToolProtocol):
         template = getattr(tokenizer, "response_template", None) or {}
         # The marker that opens a call: counting it finds calls the parser could not read (malformed JSON).
         self.call_open = template.get("fields", {}).get("tool_calls", {}).get("open", "<tool_call>")
-        self._dummy_prefix: dict[str, list[int]] = {}
+        self._dummy_prefix: dict[str, tuple[str, list[int]]] = {}
+        self._glue: dict[tuple, list[str]] = {}
+        self._sentinel = f"@@APPO_{uuid.uuid4().hex}_"
 
     def _render(self, messages: list[dict], add_generation_prompt: bool, **kwargs: Any) -> list[int]:
         return list(
@@ -254,20 +366,66 @@ class ChatTemplateProtocol(ToolProtocol):
         """Ids of the rendered tool turn plus the next assistant header (TRL's `_get_tool_suffix_ids`).
 
         Renders a dummy conversation with and without the tool messages and keeps the difference, cutting the
-        dummy at its last eos so the boundary is the end-of-turn token (not eos + newline).
+        dummy at its last eos so the boundary is the end-of-turn token (not eos + newline). The template's glue
+        comes from a rendering with sentinel contents; the tool contents are inserted verbatim as untrusted
+        pieces (`encode_pieces`), so they never yield a control token.
         """
         name = tool_messages[0]["name"]
-        prefix = self._dummy_prefix.get(name)
-        if prefix is None:
-            prefix = self._render(self._dummy(name), add_generation_prompt=False)
-            eos = [i for i, t in enumerate(prefix) if t == self.tokenizer.eos_token_id]
-            if eos:
-                prefix = prefix[: eos[-1] + 1]
-            self._dummy_prefix[name] = prefix
-        full = self._render(self._dummy(name) + tool_messages, add_generation_prompt=True)
-        if full[: len(prefix)] != prefix:
+        prefix_text, prefix_ids = self._prefix(name)
+        glue = self._tool_glue(tuple(m["name"] for m in tool_messages))
+        pieces = [(prefix_text + glue[0], True)]
+        for message, after in zip(tool_messages, glue[1:], strict=True):
+            content = message["content"] if isinstance(message["content"], str) else str(message["content"])
+            pieces += [(content, False), (after, True)]
+        full = self.encode_pieces(pieces)
+        if full[: len(prefix_ids)] != prefix_ids:
             raise ValueError("Unexpected tokenization: the eos-trimmed dummy prefix is not a prefix of the full ids.")
-        return full[len(prefix) :]
+        return full[len(prefix_ids) :]
+
+    def _render_text(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False, **self.chat_template_kwargs
+        )
+
+    def _prefix(self, name: str) -> tuple[str, list[int]]:
+        """The dummy conversation's text up to and including its last eos, and its ids."""
+        cached = self._dummy_prefix.get(name)
+        if cached is None:
+            text = self._render_text(self._dummy(name), add_generation_prompt=False)
+            eos = self.tokenizer.eos_token
+            cut = text.rfind(eos) if eos else -1
+            text = text[: cut + len(eos)] if cut >= 0 else text
+            cached = (text, self.encode(text))
+            if len(self._dummy_prefix) > 256:  # names are the model's: keep the cache bounded
+                self._dummy_prefix.clear()
+            self._dummy_prefix[name] = cached
+        return cached
+
+    def _tool_glue(self, names: tuple) -> list[str]:
+        """The template's text around each tool content (len(names) + 1 pieces), from sentinel contents."""
+        glue = self._glue.get(names)
+        if glue is None:
+            prefix_text, _ = self._prefix(names[0])
+            sentinels = [f"{self._sentinel}{i}@@" for i in range(len(names))]
+            probe = [{"role": "tool", "name": n, "content": s} for n, s in zip(names, sentinels, strict=True)]
+            text = self._render_text(self._dummy(names[0]) + probe, add_generation_prompt=True)
+            if not text.startswith(prefix_text):
+                raise ValueError("Unexpected rendering: the eos-trimmed dummy prefix is not a prefix of the full text.")
+            rest, glue = text[len(prefix_text) :], []
+            for s in sentinels:
+                if rest.count(s) != 1:
+                    raise ValueError(
+                        "The chat template does not render a tool message's content verbatim, so tool output cannot "
+                        "be kept apart from the template's control tokens; use tool_protocol='tags' or a template "
+                        "that prints `message.content` as is."
+                    )
+                before, rest = rest.split(s)
+                glue.append(before)
+            glue.append(rest)
+            if len(self._glue) > 256:
+                self._glue.clear()
+            self._glue[names] = glue
+        return glue
 
     @staticmethod
     def _dummy(name: str) -> list[dict]:

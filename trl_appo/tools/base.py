@@ -14,6 +14,11 @@ result and the rollout continues, but **a Python thread cannot be killed**: the 
 running until the function returns (daemon threads do not block interpreter exit). Tools that can hang for
 real (code execution) must enforce their own limits, as `PythonTool` does with a killable subprocess.
 Async tools are cancelled with `asyncio.wait_for` on a private event loop thread.
+
+Concurrency. A registry runs at most `max_concurrent` calls at once (default 16), over all rollouts and all
+threads that share it; further calls wait for a slot, and a call's timeout starts when it starts running. A slot is
+freed when the call returns or times out (an abandoned sync call's thread may still run: tools that can hang, like
+`PythonTool`, kill their own work before the registry's timeout).
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ import inspect
 import json
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_MAX_OUTPUT_CHARS = 8192
+DEFAULT_MAX_CONCURRENT_CALLS = 16
 
 
 @dataclass
@@ -252,6 +259,7 @@ class ToolRegistry:
         tools: `Tool` instances or plain functions (wrapped with `Tool`).
         timeout: default per-call timeout in seconds.
         max_output_chars: default truncation of a result's text.
+        max_concurrent: calls running at the same time, over all callers of this registry (None: unlimited).
     """
 
     def __init__(
@@ -259,7 +267,10 @@ class ToolRegistry:
         tools: Iterable[Tool | Callable[..., Any]] = (),
         timeout: float = 60.0,
         max_output_chars: int = DEFAULT_MAX_OUTPUT_CHARS,
+        max_concurrent: int | None = DEFAULT_MAX_CONCURRENT_CALLS,
     ):
+        if max_concurrent is not None and max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be >= 1 or None (unlimited), got {max_concurrent}")
         self.tools: dict[str, Tool] = {}
         for t in tools:
             t = t if isinstance(t, Tool) else Tool(t)
@@ -270,6 +281,8 @@ class ToolRegistry:
         self.max_output_chars = max_output_chars
         self._async_loop: _AsyncLoop | None = None
         self._lock = threading.Lock()
+        self.max_concurrent = max_concurrent
+        self._slots = threading.BoundedSemaphore(max_concurrent) if max_concurrent is not None else None
 
     @classmethod
     def coerce(cls, tools: ToolRegistry | Iterable[Tool | Callable[..., Any]] | None) -> ToolRegistry:
@@ -297,42 +310,85 @@ class ToolRegistry:
         return self.execute_many([call], [session])[0]
 
     def execute_many(self, calls: Sequence[ToolCall], sessions: Sequence[Any] | None = None) -> list[ToolResult]:
-        """Run all calls concurrently; results in call order. Errors become results with `failed=True`."""
+        """Run the calls concurrently (at most `max_concurrent` at once); results in call order. Errors become
+        results with `failed=True`; each call's timeout counts from its own start."""
         sessions = list(sessions) if sessions is not None else [None] * len(calls)
-        started = [time.monotonic()] * len(calls)
-        pending: list[tuple[int, concurrent.futures.Future, float | None]] = []
+        if len(sessions) != len(calls):
+            raise ValueError(f"{len(sessions)} sessions for {len(calls)} calls")
         results: list[ToolResult | None] = [None] * len(calls)
-        for i, (call, session) in enumerate(zip(calls, sessions, strict=True)):
-            started[i] = time.monotonic()
-            try:
-                t, bound = self._prepare(call)
+        running: list[tuple[int, concurrent.futures.Future, float, float | None, _Slot]] = []
+        try:
+            for i, (call, session) in enumerate(zip(calls, sessions, strict=True)):
+                slot = self._wait_for_slot(running)
+                started = time.monotonic()
+                try:
+                    t, bound = self._prepare(call)
+                except _CallRejected as exc:
+                    slot.free()
+                    results[i] = ToolResult(call.name, f"Error: {exc}", True, started, time.monotonic())
+                    continue
                 timeout = t.timeout if t.timeout is not None else self.timeout
                 if t.is_async:
                     future = self._loop().submit(t.invoke(bound, session), timeout)
                 else:
                     future = _run_in_daemon_thread(lambda t=t, b=bound, s=session: t.invoke(b, s))
-                pending.append((i, future, timeout))
-            except _CallRejected as exc:
-                results[i] = ToolResult(call.name, f"Error: {exc}", True, started[i], time.monotonic())
-        for i, future, timeout in pending:
-            call = calls[i]
-            remaining = None if timeout is None else max(0.0, started[i] + timeout - time.monotonic())
-            try:
-                value = future.result(timeout=remaining)
-                content, failed = (value.content, value.failed) if isinstance(value, ToolOutput) else (
-                    _to_text(value),
-                    False,
-                )
-            except (concurrent.futures.TimeoutError, asyncio.TimeoutError, TimeoutError):
-                future.cancel()
-                content, failed = f"Error: tool '{call.name}' timed out after {timeout:g} s", True
-            except ToolError as exc:
-                content, failed = f"Error: {exc}", True
-            except BaseException as exc:  # noqa: BLE001 - the model sees it; the rollout continues
-                content, failed = f"Error: {type(exc).__name__}: {exc}", True
-            limit = self.tools[call.name].max_output_chars or self.max_output_chars
-            results[i] = ToolResult(call.name, truncate_text(content, limit), failed, started[i], time.monotonic())
+                future.add_done_callback(lambda _, slot=slot: slot.free())  # the slot frees when the call ends
+                running.append((i, future, started, timeout, slot))
+            for i, future, started, timeout, slot in running:
+                remaining = None if timeout is None else max(0.0, started + timeout - time.monotonic())
+                try:
+                    future.result(timeout=remaining)
+                except BaseException:  # noqa: BLE001 - read by _result
+                    pass
+                slot.free()  # a call past its timeout gives its slot back too (its thread may still run)
+                results[i] = self._result(calls[i], future, started, timeout)
+        finally:
+            for _, _, _, _, slot in running:  # an exception out of this method (KeyboardInterrupt)
+                slot.free()
         return results  # type: ignore[return-value]
+
+    def _wait_for_slot(self, running: list) -> _Slot:
+        """A concurrency slot; while waiting, this caller's calls past their timeout give theirs back."""
+        if self._slots is None:
+            return _Slot(None)
+        while True:
+            now = time.monotonic()
+            deadlines = [st + to for _, f, st, to, slot in running if to is not None and not slot.freed]
+            wait = None if not deadlines else max(0.0, min(deadlines) - now)
+            if self._slots.acquire(timeout=wait) if wait is not None else self._slots.acquire():
+                return _Slot(self._slots)
+            now = time.monotonic()
+            for _, _, st, to, slot in running:
+                if to is not None and now >= st + to:
+                    slot.free()
+
+    def _result(self, call: ToolCall, future: concurrent.futures.Future, started: float, timeout: float | None):
+        try:
+            if not future.done():
+                raise concurrent.futures.TimeoutError
+            value = future.result(timeout=0)
+            content, failed = (value.content, value.failed) if isinstance(value, ToolOutput) else (
+                _to_text(value),
+                False,
+            )
+        except (concurrent.futures.TimeoutError, asyncio.TimeoutError, TimeoutError):
+            future.cancel()
+            content, failed = f"Error: tool '{call.name}' timed out after {timeout:g} s", True
+        except ToolError as exc:
+            content, failed = f"Error: {exc}", True
+        except BaseException as exc:  # noqa: BLE001 - the model sees it; the rollout continues
+            content, failed = f"Error: {type(exc).__name__}: {exc}", True
+        limit = self.tools[call.name].max_output_chars or self.max_output_chars
+        return ToolResult(call.name, truncate_text(content, limit), failed, started, time.monotonic())
+
+    def validate(self, call: ToolCall) -> str | None:
+        """Why the registry would refuse `call` without running it (parse error, unknown tool, bad arguments),
+        or None when it would run."""
+        try:
+            self._prepare(call)
+        except _CallRejected as exc:
+            return str(exc)
+        return None
 
     def _prepare(self, call: ToolCall) -> tuple[Tool, inspect.BoundArguments]:
         if call.error:
@@ -364,6 +420,22 @@ class ToolRegistry:
     def close_session(self, session: Any) -> None:
         for t in self.tools.values():
             t.close_session(session)
+
+
+class _Slot:
+    """One held concurrency slot of a registry, freed exactly once (by the call's end or its timeout)."""
+
+    def __init__(self, semaphore: threading.BoundedSemaphore | None):
+        self.semaphore = semaphore
+        self.freed = semaphore is None
+        self._lock = threading.Lock()
+
+    def free(self) -> None:
+        with self._lock:
+            if self.freed:
+                return
+            self.freed = True
+        self.semaphore.release()
 
 
 class _CallRejected(Exception):

@@ -281,6 +281,7 @@ def cmd_eval(args) -> int:
 
 def cmd_inspect(args) -> int:
     from trl_appo import demo, viz
+    from trl_appo import records as tree_records
 
     try:
         records = viz.load_branch_trees(args.output_dir)
@@ -291,10 +292,10 @@ def cmd_inspect(args) -> int:
                        "log_branch_trees=True") from e
     except (TypeError, AttributeError):  # a line that is JSON but not an object (viz indexes it as a dict)
         records = []
-    required = getattr(viz, "_REQUIRED_KEYS", ("tokens", "model_mask", "bs", "branches"))
-    records = [r for r in records if isinstance(r, dict) and all(k in r for k in required)]
+    records = [r for r in records if tree_records.is_record(r)]
     if not records:
-        raise BadInput(f"no branch-tree records in {args.output_dir} (JSON lines with {', '.join(required)}); pass "
+        raise BadInput(f"no branch-tree records in {args.output_dir} (JSON lines with "
+                       f"{', '.join(tree_records.REQUIRED_KEYS)}); pass "
                        "the output_dir of a run trained with APPOConfig(log_branch_trees=True)")
     steps = sorted({r.get("step", 0) for r in records})
     step = args.step if args.step is not None else steps[-1]

@@ -249,13 +249,14 @@ def cmd_eval(args) -> int:
     import torch
 
     from trl_appo.evaluation import evaluate, make_hf_generate_fn
-    from trl_appo.rollout import ChatTemplateProtocol, RolloutEngine, TagProtocol
+    from trl_appo.rollout import build_engine, eos_token_ids_of
 
     torch.manual_seed(args.seed)
-    protocol = TagProtocol(tokenizer) if args.protocol == "tags" else ChatTemplateProtocol(tokenizer)
-    engine = RolloutEngine(
-        make_hf_generate_fn(model, tokenizer, temperature=args.temperature, top_p=args.top_p), tokenizer, protocol,
-        tools, max_completion_length=args.max_completion_length, max_tool_calls=args.max_tool_calls,
+    # Training's engine rules (trl_appo.rollout.build_engine): evaluation stops where training does.
+    engine = build_engine(
+        make_hf_generate_fn(model, tokenizer, temperature=args.temperature, top_p=args.top_p), tokenizer, tools,
+        protocol=args.protocol, max_completion_length=args.max_completion_length, max_tool_calls=args.max_tool_calls,
+        eos_token_ids=eos_token_ids_of(model, tokenizer),
     )
     show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
     bar = _with_progress(engine, len(ds), show)

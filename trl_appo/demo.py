@@ -329,13 +329,13 @@ def _heldout_eval(model, tokenizer, heldout, s: DemoSettings, tools, label: str)
 
     from trl_appo.evaluation import evaluate, make_hf_generate_fn
     from trl_appo.rewards import format_answer_type_reward
-    from trl_appo.rollout import TagProtocol
+    from trl_appo.rollout import eos_token_ids_of
 
     t0 = time.perf_counter()
     torch.manual_seed(s.seed + 1234)  # the same sampling noise before and after
     res = evaluate(
         heldout, generate_fn=make_hf_generate_fn(model, tokenizer, temperature=1.0), tokenizer=tokenizer,
-        protocol=TagProtocol(tokenizer), tools=tools, n=s.b_eval_samples, ks=(1,),
+        protocol="tags", tools=tools, eos_token_ids=eos_token_ids_of(model, tokenizer), n=s.b_eval_samples, ks=(1,),
         score_fn=format_answer_type_reward, threshold=1.0, batch_size=32,
         max_completion_length=s.b_max_completion_length, max_tool_calls=2, temperature=1.0,
     )

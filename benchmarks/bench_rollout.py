@@ -55,7 +55,7 @@ def make_generate_fn(model, tokenizer, call_text: str, tool_turns: int, max_new:
 
 
 def bench_engine(rows: int, turns: int, max_new: int) -> dict[str, float]:
-    from trl_appo.rollout import RolloutEngine, TagProtocol
+    from trl_appo.rollout import build_engine
     from trl_appo.testing import build_tiny_model, build_tiny_tokenizer
     from trl_appo.tools import Tool
 
@@ -66,8 +66,8 @@ def bench_engine(rows: int, turns: int, max_new: int) -> dict[str, float]:
         return str(eval(code, {"__builtins__": {}}))  # noqa: S307 - fixed benchmark input
 
     generate_fn, timings = make_generate_fn(model, tok, "<python>1+1</python>", turns - 1, max_new)
-    engine = RolloutEngine(generate_fn, tok, TagProtocol(tok), [Tool(python, name="python")],
-                           max_completion_length=turns * (max_new + 40))
+    engine = build_engine(generate_fn, tok, [Tool(python, name="python")], protocol="tags",
+                          max_completion_length=turns * (max_new + 40))
     prompts = engine.tokenize_prompts([[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(rows)])
     engine.run(prompts[:2])  # warm-up
     timings.clear()

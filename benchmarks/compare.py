@@ -417,14 +417,15 @@ def heldout_pass1(res: Resources, model, seed: int = 1234) -> dict[str, float]:
 
     from trl_appo.evaluation import evaluate, make_hf_generate_fn
     from trl_appo.rewards import format_answer_type_reward
-    from trl_appo.rollout import TagProtocol
+    from trl_appo.rollout import eos_token_ids_of
 
     s = res.s
     with torch.random.fork_rng(devices=[]):  # the training RNG is left as it was
         torch.manual_seed(seed)
         r = evaluate(
             res.data["heldout"], generate_fn=make_hf_generate_fn(model, res.tokenizer, temperature=1.0),
-            tokenizer=res.tokenizer, protocol=TagProtocol(res.tokenizer), tools=res.tools, n=s.eval_samples, ks=(1,),
+            tokenizer=res.tokenizer, protocol="tags", tools=res.tools,
+            eos_token_ids=eos_token_ids_of(model, res.tokenizer), n=s.eval_samples, ks=(1,),
             score_fn=format_answer_type_reward, threshold=1.0, batch_size=64,
             max_completion_length=s.max_completion_length, max_tool_calls=s.max_tool_calls, temperature=1.0,
             keep_text=False,

@@ -271,14 +271,15 @@ def heldout_eval(model, tok, data, s: Settings, eval_seed: int) -> dict[str, Any
 
     from trl_appo.evaluation import evaluate, make_hf_generate_fn
     from trl_appo.rewards import format_answer_type_reward
-    from trl_appo.rollout import TagProtocol
+    from trl_appo.rollout import eos_token_ids_of
 
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(eval_seed)
         res = evaluate(
             data, generate_fn=make_hf_generate_fn(model, tok, temperature=1.0), tokenizer=tok,
-            protocol=TagProtocol(tok), tools=[make_tool()], n=s.samples, ks=(1,), score_fn=format_answer_type_reward,
+            protocol="tags", tools=[make_tool()], eos_token_ids=eos_token_ids_of(model, tok), n=s.samples, ks=(1,),
+            score_fn=format_answer_type_reward,
             threshold=1.0, batch_size=s.eval_batch, max_completion_length=s.max_completion_length,
             max_tool_calls=s.max_tool_calls, temperature=1.0,
         )

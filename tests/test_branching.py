@@ -1,11 +1,13 @@
-"""trl_appo.branching: branch rows for the loss (branch_loss="suffix"), batch plumbing, and the step in the trainer."""
+"""trl_appo.branching: the step through a fake port, branch rows for the loss (branch_loss="suffix"), batch rows,
+and the step in the trainer."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from trl_appo import branching, core
+from trl_appo import batch_rows, branching, core
+from trl_appo.branching import StepSettings
 from trl_appo.config import APPOConfig
 from trl_appo.rollout.engine import Rollout
 from trl_appo.tools.base import ToolStats
@@ -20,19 +22,21 @@ def _rollout(ids, mask, prefix_length, logprobs=None):
                    tool_stats=ToolStats(), finish_reason="stop", prefix_length=prefix_length)
 
 
-def _fake_trainer(logp_value=-1.5, eos=(9,), mask_truncated=False):
+def _fake_port(logp_value=-1.5, eos=(9,)):
     def policy_logps(input_ids, attention_mask, C, compute_entropy=False):
         return torch.full((input_ids.shape[0], C), logp_value), None
 
     return SimpleNamespace(
-        accelerator=SimpleNamespace(device=torch.device("cpu")),
-        _tokenizer=SimpleNamespace(pad_token_id=PAD),
-        pad_to_multiple_of=None,
-        mask_truncated_completions=mask_truncated,
+        device=torch.device("cpu"),
+        pad_token_id=PAD,
         eos_token_ids=list(eos),
-        _policy_logps=policy_logps,
-        _reference_logps=lambda input_ids, attention_mask, C: torch.full((input_ids.shape[0], C), -3.0),
+        policy_logps=policy_logps,
+        reference_logps=lambda input_ids, attention_mask, C: torch.full((input_ids.shape[0], C), -3.0),
     )
+
+
+def _settings(tmp_path, **kw):
+    return StepSettings.from_config(make_args(tmp_path, **kw))
 
 
 def _root_batch(with_old=True, with_ref=False):
@@ -56,7 +60,7 @@ def _root_batch(with_old=True, with_ref=False):
     return batch
 
 
-def test_branch_row_loss_mask_is_zero_on_the_prefix_and_the_model_mask_after():
+def test_branch_row_loss_mask_is_zero_on_the_prefix_and_the_model_mask_after(tmp_path):
     batch = _root_batch(with_old=True, with_ref=True)
     view = branching.RootView.of(batch)
     # Root 0 branched after its first two tokens (a tool token inside the prefix), root 1 after one token.
@@ -66,7 +70,8 @@ def test_branch_row_loss_mask_is_zero_on_the_prefix_and_the_model_mask_after():
     ]
     pts = core.BranchPoints(root=torch.tensor([0, 1]), position=torch.tensor([1, 0]), strict=torch.tensor([1, 1]).bool(),
                             fallback=torch.tensor([0, 0]), score=torch.tensor([0.3, 0.2]))
-    rows = branching.build_branch_rows(_fake_trainer(), view, pts, branches, torch.tensor([0.7, -0.2]))
+    rows = branching.build_branch_rows(_fake_port(), _settings(tmp_path), view, pts, branches,
+                                       torch.tensor([0.7, -0.2]))
 
     assert rows["tool_mask"].tolist() == [[0, 0, 1, 0, 1, 1], [0, 1, 1, 0, 0, 0]]
     assert rows["completion_mask"].tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]
@@ -80,12 +85,13 @@ def test_branch_row_loss_mask_is_zero_on_the_prefix_and_the_model_mask_after():
     assert torch.all(rows["ref_per_token_logps"] == -3.0)
 
 
-def test_branch_rows_without_old_logps_when_the_batch_is_on_policy_and_truncated_rows_masked():
+def test_branch_rows_without_old_logps_when_the_batch_is_on_policy_and_truncated_rows_masked(tmp_path):
     view = branching.RootView.of(_root_batch(with_old=False))
     branches = [_rollout([11, 12, 31], [1, 0, 1], 2), _rollout([21, 41, 9], [1, 1, 1], 1)]  # the first is cut off
     pts = core.BranchPoints(torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([1, 1]).bool(),
                             torch.tensor([0, 0]), torch.tensor([0.0, 0.0]))
-    rows = branching.build_branch_rows(_fake_trainer(mask_truncated=True), view, pts, branches, torch.zeros(2))
+    rows = branching.build_branch_rows(_fake_port(), _settings(tmp_path, mask_truncated_completions=True), view, pts,
+                                       branches, torch.zeros(2))
     assert "old_per_token_logps" not in rows and "ref_per_token_logps" not in rows
     assert rows["tool_mask"].tolist() == [[0, 0, 0], [0, 1, 1]]  # mask_truncated_completions honoured
     assert rows["completion_mask"][0].sum() == 0
@@ -100,22 +106,156 @@ def test_append_rows_repads_and_refuses_a_missing_loss_column():
         "old_per_token_logps": torch.zeros(1, 6),
     }
     batch["advantages"] = batch["advantages"][:, None].expand(2, 4)
-    out = branching.append_rows(batch, extra, PAD)
+    out = batch_rows.append_rows(batch, extra, PAD)
     assert out["completion_ids"].shape == (3, 6) and out["prompt_ids"].shape == (3, 3)
     assert out["prompt_ids"][2].tolist() == [PAD, 7, 8] and out["prompt_mask"][2].tolist() == [0, 1, 1]
     assert out["completion_mask"][0].tolist() == [1, 1, 1, 1, 0, 0]
     assert out["tool_mask"][2].tolist() == [0, 0, 1, 1, 1, 1]
     assert "appo_group" not in out and out["num_items_in_batch"] == 5.0
-    assert branching.loss_tokens(out) == 3 + 2 + 4  # root 0: 3 (one tool token), root 1: 2, branch: 4
+    assert batch_rows.loss_tokens(out) == 3 + 2 + 4  # root 0: 3 (one tool token), root 1: 2, branch: 4
     del extra["old_per_token_logps"]
     with pytest.raises(KeyError, match="old_per_token_logps"):
-        branching.append_rows(batch, extra, PAD)
+        batch_rows.append_rows(batch, extra, PAD)
 
 
 def test_shared_end_keep_and_resample():
     pos = torch.tensor([5, 0, -1])
     assert branching.shared_end(pos, keep_token=True).tolist() == [5, 0, -1]
     assert branching.shared_end(pos, keep_token=False).tolist() == [4, -1, -1]
+
+
+# ------------------------------------------------------------------ the step through a fake port (no trainer, no model)
+
+
+class FakePort:
+    """A `StepPort` of plain tensors: scripted entropies, a scripted engine and scripted branch rewards.
+
+    Records every call the step makes out through it (`calls`), so the test also pins what the step needs.
+    """
+
+    def __init__(self, entropy, branch_rewards, continuations):
+        self.device = torch.device("cpu")
+        self.rank = 0
+        self.pad_token_id = PAD
+        self.eos_token_ids = [9]
+        self.reward_weights = torch.ones(1)
+        self.generator = torch.Generator().manual_seed(0)
+        self.global_step = 7
+        self.tokenizer = SimpleNamespace(decode=lambda ids, **kw: " ".join(map(str, ids)),
+                                         convert_ids_to_tokens=lambda ids: [str(i) for i in ids])
+        self._entropy, self._rewards, self._continuations = entropy, branch_rewards, continuations
+        self.calls = []
+        self.prefixes = None
+
+    def gather(self, tensor):
+        self.calls.append("gather")
+        return tensor
+
+    def policy_logps(self, input_ids, attention_mask, logits_to_keep, compute_entropy=False):
+        self.calls.append("policy_logps")
+        logps = torch.full((input_ids.shape[0], logits_to_keep), -1.0)
+        return logps, (self._entropy if compute_entropy else None)
+
+    def reference_logps(self, input_ids, attention_mask, logits_to_keep):
+        self.calls.append("reference_logps")
+        return torch.full((input_ids.shape[0], logits_to_keep), -2.0)
+
+    def omega_reference_logps(self, rows, input_ids, attention_mask, logits_to_keep, logp_current):
+        self.calls.append("omega_reference_logps")
+        return logp_current
+
+    def whitespace_table(self):
+        self.calls.append("whitespace_table")
+        return torch.zeros(64, dtype=torch.bool)
+
+    def rollout(self, prompt_ids, prefixes):
+        self.calls.append("rollout")
+        self.prefixes = prefixes
+        out = []
+        for p, prefix, extra in zip(prompt_ids, prefixes, self._continuations, strict=True):
+            ids = prefix.completion_ids + extra
+            out.append(_rollout(ids, prefix.model_mask + [1] * len(extra), len(prefix.completion_ids)))
+            out[-1].prompt_ids = p
+        return out
+
+    def branch_rewards(self, inputs, prompts, completions, completion_ids):
+        self.calls.append("branch_rewards")
+        assert prompts == ["q", "q"] and [c for c in completions] == ["", ""]
+        return self._rewards
+
+
+def _step_batch():
+    # One prompt, N = 2 roots. Root 0: tokens 10 11 [12 = tool output] 13; root 1: 20 21 22 and padding.
+    return {
+        "prompt_ids": torch.tensor([[5, 6], [5, 6]]), "prompt_mask": torch.ones(2, 2, dtype=torch.long),
+        "completion_ids": torch.tensor([[10, 11, 12, 13], [20, 21, 22, PAD]]),
+        "completion_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
+        "tool_mask": torch.tensor([[1, 1, 0, 1], [1, 1, 1, 1]]),
+        "advantages": torch.zeros(2), "num_items_in_batch": torch.tensor(7.0),
+        "appo_group": torch.tensor([0, 0]), "appo_root_rewards": torch.tensor([[1.0], [0.0]]),
+        "appo_inputs": [{"prompt": "q"}, {"prompt": "q"}],
+    }
+
+
+def _step_port():
+    # Entropy picks token 1 of root 0 (token 2 is a tool token, 3 its last) and token 0 of root 1 (2 is its last).
+    entropy = torch.tensor([[0.1, 0.9, 5.0, 0.2], [0.8, 0.3, 0.4, 0.0]])
+    return FakePort(entropy, branch_rewards=torch.tensor([[0.0], [1.0]]), continuations=[[30, 9], [40, 41, 9]])
+
+
+@pytest.mark.parametrize("branch_advantage", ["dual_group", "local"])
+def test_branch_and_credit_through_a_fake_port_gives_hand_computed_advantages_and_rows(tmp_path, branch_advantage):
+    settings = _settings(tmp_path, num_generations=4, num_branches=1, branch_criterion="entropy",
+                         procedure_scale=False, dual_groups=True, branch_loss="suffix",
+                         branch_advantage=branch_advantage,
+                         max_completion_length=8, min_branch_tokens=1, branch_point_token="keep")
+    assert (settings.num_roots, settings.num_branches) == (2, 1)
+    port, batch = _step_port(), _step_batch()
+    before = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    out = branching.branch_and_credit(batch, port, settings, for_loss=True, want_records=True)
+
+    # The prefixes the engine continued: root 0 through token 1 (kept), root 1 through token 0.
+    assert [p.completion_ids for p in port.prefixes] == [[10, 11], [20]]
+    # Â over each group of two (TRL's Bessel std + 1e-4): roots (1, 0) -> (a, -a); branches (0, 1) -> (-a, a).
+    a = 0.5 / (0.5**0.5 + 1e-4)
+    # A_{i,t} = Â_i + mean Â_b over branches sharing t, 0 off the model mask (the tool token, the padding).
+    expected = torch.tensor([[a - a, a - a, 0.0, a], [-a + a, -a, -a, 0.0]])
+    torch.testing.assert_close(out.advantages, expected, atol=1e-6, rtol=0)
+    rows = out.branch_rows
+    assert rows["completion_ids"].tolist() == [[10, 11, 30, 9], [20, 40, 41, 9]]
+    assert rows["tool_mask"].tolist() == [[0, 0, 1, 1], [0, 1, 1, 1]]  # the copied prefix is not trained
+    if branch_advantage == "dual_group":
+        branch_adv = [-a, a]
+    else:  # R_b − V(fork): V = mean of the root and its branches through the fork; / std of the prompt's 4 rewards
+        std = (1 / 3) ** 0.5
+        branch_adv = [(0 - 0.5) / (std + 1e-4), (1 - 0.5) / (std + 1e-4)]
+    torch.testing.assert_close(rows["advantages"][:, 0], torch.tensor(branch_adv), atol=1e-5, rtol=0)
+    assert "old_per_token_logps" not in rows  # on-policy roots: none for the branches either
+
+    # The step returned what it produced and left the batch alone.
+    for k, v in before.items():
+        assert (torch.equal(batch[k], v) if isinstance(v, torch.Tensor) else batch[k] == v), k
+    report = out.report
+    assert report.metrics["appo/branch_points_per_root"] == 1.0
+    # Root 0's point is next to its tool token; root 1's only "neighbour" is right padding, which is no tool call.
+    assert report.metrics["appo/branch_near_tool_frac"] == 0.5
+    assert [len(r["branches"]) for r in report.records] == [1, 1] and report.records[0]["step"] == 7
+    assert report.records[0]["credit"] == pytest.approx(expected[0].tolist(), abs=1e-6)
+    # What the step asked of the port: one scoring forward, the engine once, the rewards once, no Ω reference
+    # (the entropy criterion declares it does not read Ω), and gathers (rewards, [fork points], metrics).
+    assert port.calls.count("policy_logps") == 1 and port.calls.count("rollout") == 1
+    assert port.calls.count("branch_rewards") == 1 and "omega_reference_logps" not in port.calls
+    assert port.calls.count("gather") == (4 if branch_advantage == "local" else 3)
+
+
+def test_near_tool_is_one_rule_that_ignores_right_padding():
+    from trl_appo import records
+
+    # Three model tokens and no tool output: padding after the completion is not a tool call.
+    assert not records.near_tool([1, 1, 1], 1)
+    assert records.near_tool([1, 1, 1, 1, 0], 1)  # a tool token 3 tokens away
+    assert not records.near_tool([1, 1, 1, 1, 1, 0], 1)  # 4 away
+    assert not records.near_tool([0, 1], -1)  # no shared prefix: no point
 
 
 # ------------------------------------------------------------------ in the trainer

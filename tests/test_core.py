@@ -978,3 +978,51 @@ def test_fork_advantages_keep_prompts_apart_and_check_inputs():
     rpf = torch.tensor([[1.0, float("nan")], [float("nan"), float("nan")]])
     s = scalar_rewards(rpf, torch.tensor([2.0, 1.0]))
     assert s[0] == 2.0 and torch.isnan(s[1])
+
+
+# ------------------------------------------------------------------ registries declare what a rule needs
+
+
+def test_a_registered_criterion_that_needs_omega_is_an_omega_criterion_without_another_edit():
+    from trl_appo import core
+
+    @core.register_branch_criterion("omega_probe", needs_omega=True)
+    def probe(scores, entropy_key, candidates, generator):
+        return core.get_branch_criterion("bs")(scores, entropy_key, candidates, generator)
+
+    try:
+        assert core.uses_omega("omega_probe") and "omega_probe" in core.OMEGA_CRITERIA
+        assert not core.uses_omega("entropy") and core.OMEGA_CRITERIA >= {"bs"}
+        assert core.get_branch_criterion("omega_probe").needs_omega
+    finally:
+        del core.BRANCH_CRITERIA["omega_probe"]
+    assert "omega_probe" not in core.OMEGA_CRITERIA
+
+
+def test_every_swappable_rule_is_a_registry_entry_with_its_needs():
+    from trl_appo import core
+
+    assert set(core.ALLOCATIONS) == {"uniform"}
+    assert set(core.BRANCH_ADVANTAGES) == {"dual_group", "local"}
+    assert core.get_branch_advantage("local").needs_fork_points
+    assert not core.get_branch_advantage("dual_group").needs_fork_points
+    assert core.get_allocation("uniform")(3, 2, 4) == [8, 8, 8]
+    with pytest.raises(ValueError, match="branch allocation 'budget'"):
+        core.get_allocation("budget")
+
+
+def test_an_allocation_rule_sets_each_groups_number_of_points():
+    from trl_appo import core
+
+    @core.register_allocation("first_group_only")
+    def first_only(num_groups, group_size, num_branches):
+        return [group_size * num_branches] + [0] * (num_groups - 1)
+
+    try:
+        cand = torch.ones(4, 6, dtype=torch.bool)
+        ent = torch.arange(24, dtype=torch.float32).view(4, 6)
+        pts = select_branch_points(None, cand, 1, criterion="entropy", entropy=ent, pooled=True, group_size=2,
+                                   allocation="first_group_only")
+        assert pts.root.tolist() == [1, 1] and pts.position.tolist() == [5, 4]  # group 1 gets none
+    finally:
+        del core.ALLOCATIONS["first_group_only"]

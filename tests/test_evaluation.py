@@ -269,3 +269,45 @@ def test_evaluate_with_a_real_tiny_model(tiny_tokenizer, tiny_model):
     assert result.pass_at(2) == 0.0  # a random model does not answer in the protocol
     assert all(s["completion_tokens"] <= 8 for s in result.samples)
     assert result.settings["max_completion_length"] == 8
+
+
+# ---------------------------------------------------------------------------------------------- training's engine
+
+
+def test_evaluation_builds_the_engine_training_builds(tiny_model, tiny_tokenizer, tmp_path):
+    """`evaluate` (and `trl-appo eval`) assemble their engine with `build_engine`, as the trainer does: the same
+    protocol tags, stop ids and tool budget rules for the same tools."""
+    from datasets import Dataset
+
+    from trl_appo.config import APPOConfig
+    from trl_appo.rollout import build_engine, eos_token_ids_of
+    from trl_appo.tools.base import Tool
+    from trl_appo.trainer import APPOTrainer
+
+    tool = Tool(fake_python, name="python")
+    args = APPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to="none", num_generations=4,
+                      per_device_train_batch_size=4, tool_protocol="tags", max_tool_calls=3, max_completion_length=32)
+    trainer = APPOTrainer(model=tiny_model, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
+                          train_dataset=Dataset.from_dict({"prompt": ["hi"] * 4}), processing_class=tiny_tokenizer,
+                          tools=[tool])
+    trained = trainer._appo_engine
+    evaluated = build_engine(None, tiny_tokenizer, [tool], protocol="tags", max_completion_length=32, max_tool_calls=3,
+                             eos_token_ids=eos_token_ids_of(tiny_model, tiny_tokenizer))
+    for e in (trained, evaluated):
+        assert (e.protocol.tags, e.protocol.stop_strings) == (trained.protocol.tags, trained.protocol.stop_strings)
+        assert e.protocol.stop_token_ids == trained.protocol.stop_token_ids
+        assert (e.max_tool_calls, e.on_tool_limit, e.max_completion_length) == (3, "message", 32)
+
+
+def test_evaluate_without_tools_is_one_model_turn_as_in_training(tiny_tokenizer):
+    # A call-shaped text ends the episode when no tool is registered (training's rule): no "tool not found" turn.
+    calls = []
+
+    def generate(contexts, num_generations, max_new_tokens):
+        calls.append(len(contexts))
+        ids = tiny_tokenizer.encode("<python>print(1)</python> done", add_special_tokens=False)
+        return [ids + [tiny_tokenizer.eos_token_id] for _ in contexts], None
+
+    result = evaluate([_row(1, 2, "x")], generate_fn=generate, tokenizer=tiny_tokenizer, n=2, score_fn=format_f1_reward)
+    assert calls == [2]  # one generation call for the two samples, no second turn
+    assert result.overall.tool_calls_per_rollout == 0.0

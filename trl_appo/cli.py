@@ -249,13 +249,14 @@ def cmd_eval(args) -> int:
     import torch
 
     from trl_appo.evaluation import evaluate, make_hf_generate_fn
-    from trl_appo.rollout import ChatTemplateProtocol, RolloutEngine, TagProtocol
+    from trl_appo.rollout import build_engine, eos_token_ids_of
 
     torch.manual_seed(args.seed)
-    protocol = TagProtocol(tokenizer) if args.protocol == "tags" else ChatTemplateProtocol(tokenizer)
-    engine = RolloutEngine(
-        make_hf_generate_fn(model, tokenizer, temperature=args.temperature, top_p=args.top_p), tokenizer, protocol,
-        tools, max_completion_length=args.max_completion_length, max_tool_calls=args.max_tool_calls,
+    # Training's engine rules (trl_appo.rollout.build_engine): evaluation stops where training does.
+    engine = build_engine(
+        make_hf_generate_fn(model, tokenizer, temperature=args.temperature, top_p=args.top_p), tokenizer, tools,
+        protocol=args.protocol, max_completion_length=args.max_completion_length, max_tool_calls=args.max_tool_calls,
+        eos_token_ids=eos_token_ids_of(model, tokenizer),
     )
     show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
     bar = _with_progress(engine, len(ds), show)
@@ -281,6 +282,7 @@ def cmd_eval(args) -> int:
 
 def cmd_inspect(args) -> int:
     from trl_appo import demo, viz
+    from trl_appo import records as tree_records
 
     try:
         records = viz.load_branch_trees(args.output_dir)
@@ -291,10 +293,10 @@ def cmd_inspect(args) -> int:
                        "log_branch_trees=True") from e
     except (TypeError, AttributeError):  # a line that is JSON but not an object (viz indexes it as a dict)
         records = []
-    required = getattr(viz, "_REQUIRED_KEYS", ("tokens", "model_mask", "bs", "branches"))
-    records = [r for r in records if isinstance(r, dict) and all(k in r for k in required)]
+    records = [r for r in records if tree_records.is_record(r)]
     if not records:
-        raise BadInput(f"no branch-tree records in {args.output_dir} (JSON lines with {', '.join(required)}); pass "
+        raise BadInput(f"no branch-tree records in {args.output_dir} (JSON lines with "
+                       f"{', '.join(tree_records.REQUIRED_KEYS)}); pass "
                        "the output_dir of a run trained with APPOConfig(log_branch_trees=True)")
     steps = sorted({r.get("step", 0) for r in records})
     step = args.step if args.step is not None else steps[-1]

@@ -87,6 +87,13 @@ class APPOConfig(GRPOConfig):
             "prompt (public release)."
         },
     )
+    branch_allocation: str = field(
+        default="uniform",
+        metadata={
+            "help": "How many branch points each prompt group gets, by name from `core.ALLOCATIONS` (a registered "
+            "rule is valid too). 'uniform' (paper): B per root."
+        },
+    )
     branch_schedule: str | None = field(
         default=None,
         metadata={
@@ -290,12 +297,13 @@ class APPOConfig(GRPOConfig):
         # Names come from the registries in `core` (a registered custom criterion or form is valid here too).
         check_choice("branch_criterion", self.branch_criterion, (*core.BRANCH_CRITERIA, core.NO_BRANCHING))
         check_choice("branch_selection", self.branch_selection, BRANCH_SELECTIONS)
+        check_choice("branch_allocation", self.branch_allocation, tuple(core.ALLOCATIONS))
         check_choice("omega_reference", self.omega_reference, OMEGA_REFERENCES)
         check_choice("future_kl_form", self.future_kl_form, tuple(core.FUTURE_KL_FORMS))
         check_choice("tool_protocol", self.tool_protocol, TOOL_PROTOCOLS)
         check_choice("branch_loss", self.branch_loss, BRANCH_LOSSES)
         check_choice("branch_point_token", self.branch_point_token, BRANCH_POINT_TOKENS)
-        check_choice("branch_advantage", self.branch_advantage, core.BRANCH_ADVANTAGES)
+        check_choice("branch_advantage", self.branch_advantage, tuple(core.BRANCH_ADVANTAGES))
 
         self._check_scalars()
         M = self.num_generations

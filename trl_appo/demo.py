@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .records import NEAR_TOOL_WINDOW, near_tool
+
 # The minimal template of the tiny model: the question only (system prompts are dropped on purpose).
 MINI_CHAT_TEMPLATE = (
     "{%- for m in messages %}{%- if m['role'] == 'user' %}{{ m['content'] }}{%- endif %}{%- endfor %}"
@@ -145,20 +147,16 @@ def pick_record(records: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
     return max(records, key=key)
 
 
-def summarize_branch_trees(records: Sequence[Mapping[str, Any]], window: int = 3) -> dict[str, float]:
+def summarize_branch_trees(records: Sequence[Mapping[str, Any]], window: int = NEAR_TOOL_WINDOW) -> dict[str, float]:
     """Numbers for the summary: rewards of roots vs branches, branch points per root, near-tool fraction, Ω.
 
     A branch point is "near a tool call" when a tool-output token (model_mask 0) lies within `window` tokens of
-    it (the same definition as the trainer's `appo/branch_near_tool_frac`).
+    it (`trl_appo.records.near_tool`, the rule of the trainer's `appo/branch_near_tool_frac` too).
     """
     roots = [float(r["reward"]) for r in records]
     branches = [b for r in records for b in r.get("branches", [])]
     valid = [(r, b) for r in records for b in r.get("branches", []) if int(b.get("position", -1)) >= 0]
-    near = 0
-    for r, b in valid:
-        mask, s = r.get("model_mask") or [], int(b["position"])
-        lo, hi = max(0, s - window), min(len(mask), s + window + 1)
-        near += any(m == 0 for m in mask[lo:hi])
+    near = sum(near_tool(r.get("model_mask") or [], int(b["position"]), window) for r, b in valid)
     rel = [int(b["position"]) / max(len(r.get("tokens", [])), 1) for r, b in valid]
     improved = [float(b["reward"]) > float(r["reward"]) for r, b in valid]
     return {
@@ -331,13 +329,13 @@ def _heldout_eval(model, tokenizer, heldout, s: DemoSettings, tools, label: str)
 
     from trl_appo.evaluation import evaluate, make_hf_generate_fn
     from trl_appo.rewards import format_answer_type_reward
-    from trl_appo.rollout import TagProtocol
+    from trl_appo.rollout import eos_token_ids_of
 
     t0 = time.perf_counter()
     torch.manual_seed(s.seed + 1234)  # the same sampling noise before and after
     res = evaluate(
         heldout, generate_fn=make_hf_generate_fn(model, tokenizer, temperature=1.0), tokenizer=tokenizer,
-        protocol=TagProtocol(tokenizer), tools=tools, n=s.b_eval_samples, ks=(1,),
+        protocol="tags", tools=tools, eos_token_ids=eos_token_ids_of(model, tokenizer), n=s.b_eval_samples, ks=(1,),
         score_fn=format_answer_type_reward, threshold=1.0, batch_size=32,
         max_completion_length=s.b_max_completion_length, max_tool_calls=2, temperature=1.0,
     )

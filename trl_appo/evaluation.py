@@ -227,14 +227,17 @@ def evaluate(
     model_name: str | None = None,
     extra_settings: Mapping[str, Any] | None = None,
     keep_text: bool = True,
+    eos_token_ids: Sequence[int] | None = None,
 ) -> EvaluationResult:
     """Roll out every prompt ``n`` times through the rollout engine and report Pass@1 / Pass@k per data source.
 
     Args:
         dataset: rows with a conversational or plain ``prompt`` and the gold columns ``score_fn`` reads (a
             ``datasets.Dataset`` or a list of dicts); ``data_source`` groups the report (missing: "default").
-        engine: a ``RolloutEngine``; else one is built from ``generate_fn``, ``tokenizer``, ``protocol``
-            (default ``TagProtocol(tokenizer)``), ``tools``, ``max_completion_length`` and ``max_tool_calls``.
+        engine: a ``RolloutEngine``; else one is built by :func:`trl_appo.rollout.build_engine` (training's stop
+            rules) from ``generate_fn``, ``tokenizer``, ``protocol`` ("tags" (default) or "chat", or a protocol
+            object), ``tools``, ``max_completion_length``, ``max_tool_calls`` and ``eos_token_ids`` (default the
+            tokenizer's; ``trl_appo.rollout.eos_token_ids_of(model, tokenizer)`` gives the ones training stops at).
         n: samples per prompt. ks: the k of Pass@k to report (each ``<= n``; 1 is always reported).
         score_fn: a TRL-signature reward function (sync or async); it receives every dataset column as kwargs,
             like in TRL. Default :func:`~trl_appo.rewards.answer_type_reward` (math equivalence / choice letter /
@@ -253,16 +256,11 @@ def evaluate(
     if engine is None:
         if generate_fn is None or tokenizer is None:
             raise ValueError("pass either an engine or a generate_fn and a tokenizer")
-        from trl_appo.rollout.engine import RolloutEngine
-        from trl_appo.rollout.protocols import TagProtocol
+        from trl_appo.rollout.build import build_engine
 
-        engine = RolloutEngine(
-            generate_fn,
-            tokenizer,
-            protocol if protocol is not None else TagProtocol(tokenizer),
-            tools,
-            max_completion_length=max_completion_length,
-            max_tool_calls=max_tool_calls,
+        engine = build_engine(
+            generate_fn, tokenizer, tools, protocol=protocol if protocol is not None else "tags",
+            max_completion_length=max_completion_length, max_tool_calls=max_tool_calls, eos_token_ids=eos_token_ids,
         )
     is_correct = correct_fn if correct_fn is not None else (lambda score: score >= threshold)
     rows = _rows(dataset)

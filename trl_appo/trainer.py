@@ -15,8 +15,12 @@ How one step flows (docs/algorithm.md §1-§4), and which TRL hook carries it:
     just before that step, with the current weights, so Ω measures how the updates so far moved each suffix; the
     branch rows are shared out equally over that step's micro-batches.
 * Loss. `_compute_loss` multiplies advantages by the future-aware weight (`core.future_kl_weights`) computed from
-  the same forward pass TRL's loss uses (one forward: the log-probs are handed to `super()` through a one-shot
-  cache in `_get_per_token_logps_and_entropies`).
+  the same forward pass TRL's loss uses (one forward: the log-probs are handed to `super()` through `HookHandoff`).
+
+The step talks to the trainer through `TrainerPort` (the `trl_appo.port.StepPort` this module implements) and
+returns what it produced; the hooks here write it where TRL reads it. Between hooks, data travels as TRL passes
+it (the rollout engine's rollouts ride in the `rollout_func` output's extra fields), except where TRL leaves no
+argument to carry it: `HookHandoff`, the one documented mailbox (see its docstring).
 
 Deviations from the public release are listed in docs/algorithm.md §8 and docs; the ones this module owns: Ω compares
 the current policy with the behaviour policy (never two computations of the same weights), entropies are full-
@@ -28,9 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
-import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -43,8 +45,11 @@ from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
-from . import branching, core
+from . import batch_rows, branching, core, records
+from .branching import StepOutput, StepSettings
 from .config import APPOConfig
+from .rollout.build import build_engine, completions_for_rewards, executed_tool_calls
+from .step_metrics import rollout_metrics
 
 logger = logging.get_logger(__name__)
 
@@ -60,6 +65,91 @@ def _check_trl_version() -> None:
             "APPOTrainer overrides private GRPOTrainer hooks whose signatures change between minor versions. Install "
             f"'trl>={TESTED_TRL[0]},<{TESTED_TRL[1]}', or set TRL_APPO_ALLOW_UNTESTED_TRL=1 to try anyway."
         )
+
+
+class HookHandoff:
+    """The one channel between TRL hooks that TRL gives no argument for: a value one hook puts and the next takes.
+
+    Two values travel this way, each put and taken within one call into TRL:
+
+    * ``"root_rewards"``: `_calculate_rewards` → `_generate_and_score_completions`. TRL computes the roots'
+      (rows, reward functions) rewards inside `super()._generate_and_score_completions` and returns only their
+      advantages; the APPO step needs the rewards themselves (its dual groups normalise roots and branches).
+    * ``"loss_logps"``: `_compute_loss` → `_get_per_token_logps_and_entropies`. The future-aware weight needs the
+      loss's own forward; TRL's `_compute_loss` makes that forward itself, so the one we made is handed to it
+      instead of a second forward.
+
+    A `put` replaces an unread value; `take` returns it once (None when there is none).
+    """
+
+    def __init__(self):
+        self._values: dict[str, Any] = {}
+
+    def put(self, key: str, value: Any) -> None:
+        self._values[key] = value
+
+    def take(self, key: str) -> Any:
+        return self._values.pop(key, None)
+
+
+class TrainerPort:
+    """`trl_appo.port.StepPort` for `APPOTrainer`: what the APPO step may use of the trainer, and nothing else."""
+
+    def __init__(self, trainer: APPOTrainer):
+        self._trainer = trainer
+
+    @property
+    def device(self) -> torch.device:
+        return self._trainer.accelerator.device
+
+    @property
+    def rank(self) -> int:
+        return self._trainer.accelerator.process_index
+
+    @property
+    def pad_token_id(self) -> int:
+        return self._trainer._tokenizer.pad_token_id
+
+    @property
+    def eos_token_ids(self):
+        return self._trainer.eos_token_ids
+
+    @property
+    def reward_weights(self) -> torch.Tensor:
+        return self._trainer.reward_weights
+
+    @property
+    def generator(self) -> torch.Generator:
+        return self._trainer._appo_generator
+
+    @property
+    def global_step(self) -> int:
+        return self._trainer.state.global_step
+
+    @property
+    def tokenizer(self):
+        return self._trainer._tokenizer
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._trainer.accelerator.gather(tensor)
+
+    def policy_logps(self, input_ids, attention_mask, logits_to_keep, compute_entropy=False):
+        return self._trainer._policy_logps(input_ids, attention_mask, logits_to_keep, compute_entropy=compute_entropy)
+
+    def reference_logps(self, input_ids, attention_mask, logits_to_keep):
+        return self._trainer._reference_logps(input_ids, attention_mask, logits_to_keep)
+
+    def omega_reference_logps(self, rows, input_ids, attention_mask, logits_to_keep, logp_current):
+        return self._trainer._omega_reference_logps(rows, input_ids, attention_mask, logits_to_keep, logp_current)
+
+    def whitespace_table(self) -> torch.Tensor:
+        return self._trainer._whitespace_table(self.device)
+
+    def rollout(self, prompt_ids, prefixes):
+        return self._trainer._appo_engine.run(prompt_ids, prefixes=prefixes, group_size=1)
+
+    def branch_rewards(self, inputs, prompts, completions, completion_ids):
+        return self._trainer._branch_rewards(inputs, prompts, completions, completion_ids)
 
 
 class APPOTrainer(GRPOTrainer):
@@ -119,9 +209,7 @@ class APPOTrainer(GRPOTrainer):
             )
         self._appo_tools = list(tools or [])
         self._appo_engine = None
-        self._appo_last_rollouts = None
-        self._appo_cached_logps = None
-        self._appo_root_rewards = None
+        self._appo_handoff = HookHandoff()
         self._appo_whitespace = None
         self._appo_generator = torch.Generator().manual_seed(args.seed)
         self._appo_branch_step = 0
@@ -151,6 +239,8 @@ class APPOTrainer(GRPOTrainer):
                     "omega_reference='reference' measures Ω against the reference model, but there is none: set "
                     "beta > 0 (loads a reference model) or train a PEFT adapter (reference = adapters disabled)."
                 )
+        self.appo_settings = StepSettings.from_config(args)  # APPO's options, read once
+        self._appo_port = TrainerPort(self)
         self._appo_engine = self._build_engine()
         for note in args.appo_notes:  # defaults APPO chose for this config, said once
             logger.warning(note)
@@ -165,9 +255,7 @@ class APPOTrainer(GRPOTrainer):
         return hasattr(self.accelerator.unwrap_model(self.model), "disable_adapter")
 
     def _build_engine(self):
-        from .rollout import ChatTemplateProtocol, RolloutEngine, TagProtocol
-        from .tools import ToolRegistry
-
+        """The rollout engine of roots and branches (`trl_appo.rollout.build_engine`: evaluation uses the same)."""
         args = self.args
         tokenizer = self._tokenizer
         if args.tool_protocol == "chat":
@@ -184,28 +272,13 @@ class APPOTrainer(GRPOTrainer):
                         "tokenizer.response_template (see TRL's chat_template_utils), use a chat template TRL "
                         "knows, or use tool_protocol='tags'."
                     ) from e
-        registry = ToolRegistry(self._appo_tools, timeout=args.tool_timeout, max_output_chars=args.max_tool_output_chars,
-                                max_concurrent=args.max_concurrent_tool_calls)
-        if args.tool_protocol == "chat":
-            protocol = ChatTemplateProtocol(tokenizer, chat_template_kwargs=self.chat_template_kwargs)
-        else:
-            # The paper's tags stop generation even when that tool is not registered, so the model is told so.
-            # Without any tool there is nothing to stop for: one model turn, as GRPOTrainer generates.
-            tags = dict.fromkeys(("python", "search", *registry.names)) if self._appo_tools else {}
-            protocol = TagProtocol(tokenizer, tags=tuple(tags), chat_template_kwargs=self.chat_template_kwargs)
-        # Every end-of-sequence id TRL stops at also ends a model run for the engine.
-        protocol.stop_token_ids = frozenset(protocol.stop_token_ids) | frozenset(self.eos_token_ids)
-        return RolloutEngine(
-            self._engine_generate,
-            tokenizer,
-            protocol,
-            registry,
-            max_completion_length=args.max_completion_length,
-            # No tools: a call-shaped text ends the episode as it stands (one assistant turn, as in GRPOTrainer)
-            # instead of earning a "malformed tool call" turn and another assistant turn.
-            max_tool_calls=args.max_tool_calls if self._appo_tools else 0,
-            on_tool_limit="message" if self._appo_tools else "end",
+        return build_engine(
+            self._engine_generate, tokenizer, self._appo_tools, protocol=args.tool_protocol,
+            max_completion_length=args.max_completion_length, max_tool_calls=args.max_tool_calls,
+            eos_token_ids=self.eos_token_ids, chat_template_kwargs=self.chat_template_kwargs,
+            tool_timeout=args.tool_timeout, max_tool_output_chars=args.max_tool_output_chars,
             max_tool_calls_per_turn=args.max_tool_calls_per_turn,
+            max_concurrent_tool_calls=args.max_concurrent_tool_calls,
             should_continue=self._engine_should_continue if self.accelerator.num_processes > 1 else None,
         )
 
@@ -255,7 +328,6 @@ class APPOTrainer(GRPOTrainer):
         group = self.num_generations if mode == "train" else self.num_generations_eval
         prompt_ids = self._appo_engine.tokenize_prompts(prompts)
         rollouts = self._appo_engine.run(prompt_ids, group_size=group)
-        self._appo_last_rollouts = rollouts
         self._log_rollout_metrics(rollouts, mode, prefix="appo/root")
         logprobs = None if any(r.logprobs is None for r in rollouts) else [r.logprobs for r in rollouts]
         return {
@@ -263,59 +335,34 @@ class APPOTrainer(GRPOTrainer):
             "completion_ids": [r.completion_ids for r in rollouts],
             "logprobs": logprobs,
             "env_mask": [r.model_mask for r in rollouts],
+            "appo_rollouts": rollouts,  # an extra field: `_generate` takes it back out before TRL sees it
         }
 
     def _generate(self, prompts: list):
         # TRL parses a rollout_func's completion as a single assistant turn; reward functions must see the engine's
-        # multi-turn messages (assistant/tool turns, or the full tag-protocol text) instead.
-        out = list(super()._generate(prompts))
-        if self._appo_last_rollouts is not None:
-            out[3] = self._completions_for_rewards(prompts, self._appo_last_rollouts)
-            self._appo_last_rollouts = None
-        return tuple(out)
-
-    def _completions_for_rewards(self, prompts, rollouts):
-        """What reward functions read: the engine's messages, or for plain-text prompts its `reward_text` (model
-        tokens, tool output as escaped <result> blocks; never the decoded completion, whose tool output would read as
-        the model's). The rollouts' executed tool calls go to the next `_calculate_rewards` (same rows, same order)."""
-        from trl.data_utils import is_conversational
-
-        self._appo_executed_tool_calls = [dict(r.executed_tool_calls) for r in rollouts]
-        if prompts and is_conversational({"prompt": prompts[0]}):
-            return [r.messages for r in rollouts]
-        return [r.reward_text for r in rollouts]
+        # multi-turn messages (assistant/tool turns, or the full tag-protocol text) instead. The rollouts come back
+        # in the extra fields of `_appo_rollout`'s output, removed here so that they never reach reward kwargs.
+        (prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images,
+         tool_images) = super()._generate(prompts)
+        rollouts = extra_fields.pop("appo_rollouts", None)
+        if rollouts is not None:
+            completions = completions_for_rewards(prompts, rollouts)
+            # Reward functions get each row's executed tool calls as the keyword `executed_tool_calls`
+            # (trl_appo.rewards); TRL merges extra fields into the reward inputs row by row.
+            extra_fields["executed_tool_calls"] = executed_tool_calls(rollouts)
+        return prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images
 
     def _log_rollout_metrics(self, rollouts, mode: str, prefix: str) -> None:
         """Tool use and decoded tokens (a branch's copied prefix is not decoded), summed over all ranks."""
-        local = torch.tensor(
-            [
-                float(len(rollouts)),
-                float(sum(r.tool_stats.calls for r in rollouts)),
-                float(sum(r.tool_stats.failures for r in rollouts)),
-                float(sum(sum(r.model_mask[r.prefix_length :]) for r in rollouts)),
-            ],
-            device=self.accelerator.device,
-        )
-        n, calls, fails, decoded = self.accelerator.gather(local.unsqueeze(0)).sum(dim=0).tolist()
-        if n == 0:
-            return
-        if self._appo_tools:  # TRL's names and meaning, here per rollout group (roots; branches add theirs)
-            trl_name = "tools" if prefix == "appo/root" else f"{prefix}/tools"
-            self._metrics[mode][f"{trl_name}/call_frequency"].append(calls / n)
-            self._metrics[mode][f"{trl_name}/failure_frequency"].append(fails / calls if calls else 0.0)
-        self._metrics[mode][f"{prefix}/tool_calls_per_rollout"].append(calls / n)
-        self._metrics[mode][f"{prefix}/tool_failure_rate"].append(fails / calls if calls else 0.0)
-        self._metrics[mode][f"{prefix}/decoded_tokens"].append(decoded)
+        metrics = rollout_metrics(rollouts, self.accelerator.gather, self.accelerator.device, prefix,
+                                  with_tools=bool(self._appo_tools))
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(value)
 
     # ------------------------------------------------------------------ rewards
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        # Reward functions get `executed_tool_calls` (one {tool: calls that ran} per row, trl_appo.rewards) as a
-        # keyword: TRL passes every input column on, so it rides along as one.
-        executed, self._appo_executed_tool_calls = getattr(self, "_appo_executed_tool_calls", None), None
-        if executed is not None and len(executed) == len(inputs):
-            inputs = [{**row, "executed_tool_calls": calls} for row, calls in zip(inputs, executed, strict=True)]
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._appo_root_rewards = rewards  # gathered (rows of all ranks, F); read right after super() returns
+        self._appo_handoff.put("root_rewards", rewards)  # gathered (R_all, F); taken right after super() returns
         return rewards
 
     # ------------------------------------------------------------------ the APPO step
@@ -345,7 +392,7 @@ class APPOTrainer(GRPOTrainer):
         root_inputs = [row for j, row in enumerate(inputs) if j % M < N]
         with self._group_size(N):
             out = super()._generate_and_score_completions(root_inputs)
-        rewards = self._appo_root_rewards
+        rewards = self._appo_handoff.take("root_rewards")
         R = len(root_inputs)
         rank = self.accelerator.process_index
         out["appo_root_rewards"] = rewards[rank * R : (rank + 1) * R].to(out["advantages"].device)
@@ -353,16 +400,17 @@ class APPOTrainer(GRPOTrainer):
         out["appo_group"] = torch.arange(R, device=out["advantages"].device) // N
         out["appo_inputs"] = [copy.copy(row) for row in root_inputs]
         if self.log_completions:  # TRL just added these roots to its completions table: mark them
-            out["appo_log_index"] = branching.mark_logged_roots(self, R)
+            out["appo_log_index"] = self._mark_logged_roots(R)
         self._appo_sampled_at_step = self.state.global_step
         if args.branch_schedule == "per_generation" or not self.model.training:
             step = self._appo_step(out, for_loss=self.model.training)
+            out["advantages"] = step.advantages
             if step.branch_rows is not None:
                 # The generation batch now holds all M rollouts per prompt; TRL shuffles and splits it as for GRPO.
                 num_items = out["num_items_in_batch"]
-                out = branching.append_rows(out, step.branch_rows, self._tokenizer.pad_token_id)
+                out = batch_rows.append_rows(out, step.branch_rows, self._tokenizer.pad_token_id)
                 out["num_items_in_batch"] = num_items + self.accelerator.gather(
-                    branching.loss_tokens(step.branch_rows).reshape(1)).sum()
+                    batch_rows.loss_tokens(step.branch_rows).reshape(1)).sum()
         return out
 
     def _prepare_inputs(self, generation_batch):
@@ -380,20 +428,20 @@ class APPOTrainer(GRPOTrainer):
             # Branch the roots of this optimizer step's micro-batches together, with the current weights.
             first = k - (k % ga)
             chunks = self._buffered_inputs[first : first + ga]
-            merged = branching.cat_rows(chunks)
+            merged = batch_rows.cat_rows(chunks)
             step = self._appo_step(merged, for_loss=True)
             offset = 0
             for chunk in chunks:
                 n = chunk["advantages"].shape[0]
-                chunk["advantages"] = merged["advantages"][offset : offset + n]
+                chunk["advantages"] = step.advantages[offset : offset + n]
                 offset += n
             window = list(chunks)
             if step.branch_rows is not None:
                 # Each micro-batch gets an equal share of the branch rows, so a forward holds
                 # per_device_train_batch_size rows, as in GRPO; DAPO-style normalisers count this window's tokens.
-                parts = branching.split_rows(step.branch_rows, ga)
-                window = [branching.append_rows(c, b, self._tokenizer.pad_token_id) for c, b in zip(chunks, parts)]
-                tokens = sum(branching.loss_tokens(w) for w in window)
+                parts = batch_rows.split_rows(step.branch_rows, ga)
+                window = [batch_rows.append_rows(c, b, self._tokenizer.pad_token_id) for c, b in zip(chunks, parts)]
+                tokens = sum(batch_rows.loss_tokens(w) for w in window)
                 window_items = self.accelerator.gather(tokens.reshape(1)).sum() * args.steps_per_generation / ga
                 for w in window:
                     w["num_items_in_batch"] = window_items
@@ -407,33 +455,90 @@ class APPOTrainer(GRPOTrainer):
         TRL shuffles rows across the whole generation batch; per_update branching needs a prompt's N roots
         together (their branch group is normalised jointly), so we shuffle whole groups instead.
         """
-        merged = branching.cat_rows(self._buffered_inputs)
+        merged = batch_rows.cat_rows(self._buffered_inputs)
         groups = merged["appo_group"]
         order = torch.randperm(int(groups.max().item()) + 1)
         rank_of_group = torch.empty_like(order)
         rank_of_group[order] = torch.arange(len(order))
         index = torch.argsort(rank_of_group[groups.cpu()] * len(groups) + torch.arange(len(groups)), stable=True)
-        self._buffered_inputs = split_tensor_dict(branching.take_rows(merged, index), self.args.steps_per_generation)
+        self._buffered_inputs = split_tensor_dict(batch_rows.take_rows(merged, index), self.args.steps_per_generation)
         self._appo_window = None
 
-    def _appo_step(self, batch: dict[str, Any], for_loss: bool) -> branching.StepOutput:
-        """Run the APPO step (`trl_appo.branching`) and save its branch trees when asked."""
+    def _appo_step(self, batch: dict[str, Any], for_loss: bool) -> StepOutput:
+        """Run the APPO step (`trl_appo.branching`) and write what it reports where it belongs: `appo/*` metrics,
+        the branches' tool use, TRL's completions table, the branch-tree file. The caller writes the advantages
+        and branch rows into its batch."""
         args = self.args
+        mode = "train" if self.model.training else "eval"
         want = args.log_branch_trees and self.accelerator.is_main_process and self.model.training
-        step = branching.branch_and_credit(self, batch, for_loss=for_loss, want_records=want)
+        step = branching.branch_and_credit(batch, self._appo_port, self.appo_settings, for_loss=for_loss,
+                                           want_records=want)
+        report = step.report
+        for name, value in report.metrics.items():
+            self._metrics[mode][name].append(value)
+        self._log_rollout_metrics(report.branches, mode, prefix="appo/branch")
+        if self.log_completions:
+            self._log_branch_completions(report.completions)
         if want:
             name = f"step_{self.state.global_step:06d}_{self._appo_branch_step:04d}.jsonl"
-            branching.write_branch_trees(Path(args.output_dir) / "branch_trees" / name, step.records)
+            records.write_branch_trees(Path(args.output_dir) / "branch_trees" / name, report.records)
             self._appo_branch_step += 1
         return step
 
-    def _branch_rewards(self, mode, inputs, prompts, completions, completion_ids):
+    def _mark_logged_roots(self, num_local_rows: int) -> torch.Tensor:
+        """TRL has just added this batch's roots (all ranks, in rank order) to its completions table: mark them as
+        roots and return each local row's position in that table, so its advantage can show the trained credit
+        later."""
+        logs, procs = self._logs, self.accelerator.num_processes
+        added = num_local_rows * procs
+        logs["extra"]["appo_row"].extend(["root"] * added)
+        logs["extra"]["appo_point"].extend([-1] * added)
+        start = self._appo_logged_rows + self.accelerator.process_index * num_local_rows
+        self._appo_logged_rows += added
+        return torch.arange(start, start + num_local_rows, device=self.accelerator.device)
+
+    def _log_branch_completions(self, table: branching.BranchCompletions) -> None:
+        """Add the branches to TRL's completions table (``appo_row="branch"``, ``appo_point`` = its point, its
+        reward and the advantage it is trained with, or Â_b when branches only give credit), and show each root's
+        trained credit (the mean of A_{i,t} over its model tokens) in the roots' ``advantage`` column."""
+        from accelerate.utils import gather_object
+
+        logs, gather = self._logs, self.accelerator.gather
+        total_before = self._appo_logged_rows
+        if table.root_log_index is not None:  # the roots' rows, where they are still in the (bounded) table
+            mean_credit = table.root_credit_mean
+            pairs = gather(torch.stack([table.root_log_index.to(mean_credit.device).float(), mean_credit.float()],
+                                       dim=1))
+            offset = total_before - len(logs["advantages"])
+            for i, value in pairs.tolist():
+                pos = int(i) - offset
+                if 0 <= pos < len(logs["advantages"]):
+                    logs["advantages"][pos] = value
+        g_prompts, g_completions = gather_object(list(table.prompts)), gather_object(list(table.completions))
+        n = len(g_prompts)
+        logs["prompt"].extend(g_prompts)
+        logs["completion"].extend(g_completions)
+        for i, name in enumerate(self.reward_func_names):
+            logs["rewards"][name].extend(table.rewards[:, i].tolist())
+        logs["advantages"].extend(gather(table.advantages.float()).tolist())
+        points = gather(table.positions.to(self.accelerator.device)).tolist()
+        for column, values in logs["extra"].items():
+            if column == "appo_row":
+                values.extend(["branch"] * n)
+            elif column == "appo_point":
+                values.extend(points)
+            else:  # a column the user's reward functions log for roots (branch values are kept out of the table)
+                values.extend([None] * n)
+        self._appo_logged_rows += n
+
+    def _branch_rewards(self, inputs, prompts, completions, completion_ids):
         """The user's reward functions on branch rows. What they log through `log_extra`/`log_metric` is kept out
         of TRL's completions table (which lists the roots) and reported as `appo/branch/<name>` instead."""
+        mode = "train" if self.model.training else "eval"
         saved = self._pending_extra_logs, self._pending_metrics
         self._pending_extra_logs, self._pending_metrics = defaultdict(list), defaultdict(list)
         try:
-            return self._calculate_rewards(inputs, prompts, completions, completion_ids)
+            return super()._calculate_rewards(inputs, prompts, completions, completion_ids)
         finally:
             branch_metrics = self._pending_metrics
             self._pending_extra_logs, self._pending_metrics = saved
@@ -475,8 +580,6 @@ class APPOTrainer(GRPOTrainer):
 
     def _omega_reference_logps(self, rows, input_ids, attention_mask, C, logp_current):
         """log π_ref_Ω of the sampled tokens (paper §3.1). Degenerate (= current) when the policy has not moved."""
-        if not core.uses_omega(self.args.branch_criterion):
-            return logp_current
         if self.args.omega_reference == "behaviour":
             old = rows.get("old_per_token_logps")
             # No optimizer step since sampling (per_generation, or the first step of a generation batch): the
@@ -504,14 +607,15 @@ class APPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         args = self.args
         advantages = inputs["advantages"]
-        if not args.future_kl:
+        settings = self.appo_settings
+        if not settings.future_kl:
             return super()._compute_loss(model, inputs)
         old = inputs.get("old_per_token_logps")
         mask = inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"]
         if old is None:
             # π_θ = π_old exactly (no off-policy lag): δ ≡ 0, f ≡ 1, a constant multiplier; no extra work.
             logp = torch.zeros_like(mask, dtype=torch.float32)
-            weights = core.future_kl_weights(logp, logp, mask.float(), advantages, **self._future_kl_kwargs())
+            weights = core.future_kl_weights(logp, logp, mask.float(), advantages, **settings.future_kl_kwargs())
             return super()._compute_loss(model, {**inputs, "advantages": self._reweight(advantages, weights, mask)})
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
@@ -525,21 +629,13 @@ class APPOTrainer(GRPOTrainer):
             compute_aux_loss=self.aux_loss_enabled, **mm_kwargs,
         )
         weights = core.future_kl_weights(
-            out[0].detach().float(), old.float(), mask.float(), advantages, **self._future_kl_kwargs()
+            out[0].detach().float(), old.float(), mask.float(), advantages, **settings.future_kl_kwargs()
         )
-        self._appo_cached_logps = out  # consumed by the very next `_get_per_token_logps_and_entropies` call
+        self._appo_handoff.put("loss_logps", out)  # taken by the very next `_get_per_token_logps_and_entropies`
         try:
             return super()._compute_loss(model, {**inputs, "advantages": self._reweight(advantages, weights, mask)})
         finally:
-            self._appo_cached_logps = None
-
-    def _future_kl_kwargs(self) -> dict:
-        a = self.args
-        return dict(
-            decay=a.future_kl_decay, clip=a.future_kl_clip, clip_high_only=a.future_kl_clip_high_only,
-            weight=a.future_kl_weight, safety_thresh=a.future_kl_safety_thresh, dual_clip_c=a.delta or 3.0,
-            form=a.future_kl_form,
-        )
+            self._appo_handoff.take("loss_logps")
 
     def _reweight(self, advantages, weights, mask):
         mode = "train" if self.model.training else "eval"
@@ -553,9 +649,9 @@ class APPOTrainer(GRPOTrainer):
         return adv * mult.to(adv.dtype)
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
-        if self._appo_cached_logps is not None:
-            out, self._appo_cached_logps = self._appo_cached_logps, None
-            return out
+        cached = self._appo_handoff.take("loss_logps")  # the forward `_compute_loss` already made
+        if cached is not None:
+            return cached
         return super()._get_per_token_logps_and_entropies(*args, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
@@ -599,18 +695,10 @@ class APPOTrainer(GRPOTrainer):
         if path.exists() and self.accelerator.is_main_process:
             settings = (
                 f"\n\n## APPO settings\n\nBase model: {self._base_model_description()}.\n\n"
-                f"Trained with APPO (Agentic Procedural Policy Optimization, arXiv 2606.12384) "
-                f"via `trl_appo`: M={a.num_generations} rollouts per prompt = N={a.num_roots} roots × (1 + "
-                f"B={a.num_branches} branches); criterion `{a.branch_criterion}`, selection `{a.branch_selection}`, "
-                f"schedule `{a.branch_schedule}`, Ω vs `{a.omega_reference}` (γ={a.branch_gamma}, ε_Ω={a.omega_clip}); "
-                f"dual groups {a.dual_groups}, prefix credit {a.prefix_credit}, procedure scaling {a.procedure_scale} "
-                f"(ρ={a.reward_scale_discount}, λ={a.procedure_scale_weight}); future-KL {a.future_kl} (form "
-                f"`{a.future_kl_form}`, decay {a.future_kl_decay}, ε_f={a.future_kl_clip}, b={a.future_kl_weight}); "
-                f"dual-clip c={a.delta}; branch loss `{a.branch_loss}` (advantage `{a.branch_advantage}`), branch "
-                f"point token `{a.branch_point_token}`; tool protocol `{a.tool_protocol}`, max tool calls "
-                f"{a.max_tool_calls}.\n"
+                f"Trained with APPO (Agentic Procedural Policy Optimization, arXiv 2606.12384) via `trl_appo`: "
+                f"M={a.num_generations} rollouts per prompt = N={a.num_roots} roots × (1 + B={a.num_branches} "
+                f"branches).\n\n" + "\n".join(self.appo_settings.describe()) + "\n"
             )
             text = path.read_text()
             if "## APPO settings" not in text:
                 path.write_text(text + settings)
-

@@ -32,6 +32,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .records import REQUIRED_KEYS
+
 __all__ = [
     "branch_ranks",
     "load_branch_trees",
@@ -42,7 +44,6 @@ __all__ = [
     "tool_spans",
 ]
 
-_REQUIRED_KEYS = ("tokens", "model_mask", "bs", "branches")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -91,10 +92,10 @@ def load_branch_trees(output_dir: str | os.PathLike, step: int | None = None) ->
 
 
 def _check_record(record: Mapping[str, Any], values: Sequence[float] | None) -> int:
-    missing = [k for k in _REQUIRED_KEYS if k not in record]
+    missing = [k for k in REQUIRED_KEYS if k not in record]
     if missing:
         raise KeyError(f"Branch-tree record lacks {missing}; expected the keys written by APPOTrainer "
-                       f"(log_branch_trees=True): {list(_REQUIRED_KEYS)} and more.")
+                       f"(log_branch_trees=True): {list(REQUIRED_KEYS)} and more.")
     n = len(record["tokens"])
     for key in ("model_mask", "bs", "token_text", "entropy_z", "omega_z"):
         if key in record and len(record[key]) != n:

@@ -1,5 +1,6 @@
-"""Multi-turn tool-using rollouts over token ids: the engine and the tool-call protocols."""
+"""Multi-turn tool-using rollouts over token ids: the engine, the tool-call protocols, and `build_engine`."""
 
+from .build import build_engine, completions_for_rewards, eos_token_ids_of
 from .engine import GenerateFn, Prefix, Rollout, RolloutEngine
 from .protocols import ChatTemplateProtocol, TagProtocol, ToolProtocol, TurnParse, model_runs
 
@@ -12,5 +13,8 @@ __all__ = [
     "TagProtocol",
     "ToolProtocol",
     "TurnParse",
+    "build_engine",
+    "completions_for_rewards",
+    "eos_token_ids_of",
     "model_runs",
 ]

@@ -44,6 +44,9 @@ from ..rewards import completion_to_text
 from ..tools.base import Tool, ToolCall, ToolRegistry, ToolResult, ToolStats
 from .protocols import ToolProtocol, TurnParse, model_runs
 
+DEFAULT_MAX_TOOL_CALLS_PER_TURN = 8
+"""Tool calls one model turn may run by default; the turn's further calls are refused with a message."""
+
 GenerateFn = Callable[[list[list[int]], int, int], tuple[list[list[int]], list[list[float]] | None]]
 FinishReason = Literal["stop", "length", "tool_limit", "context"]
 
@@ -152,7 +155,7 @@ class RolloutEngine:
         max_completion_length: int = 1024,
         max_tool_calls: int | None = None,
         on_tool_limit: Literal["message", "end"] = "message",
-        max_tool_calls_per_turn: int | None = 8,
+        max_tool_calls_per_turn: int | None = DEFAULT_MAX_TOOL_CALLS_PER_TURN,
         max_context_length: int | None = None,
         should_continue: Callable[[bool], bool] | None = None,
     ):

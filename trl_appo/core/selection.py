@@ -1,0 +1,264 @@
+"""§1 Branch-point selection: the criteria and allocation rules, and ``select_branch_points``.
+
+docs/algorithm.md §1 (selection). A criterion ranks candidate tokens (``BRANCH_CRITERIA``), an allocation decides
+how many points each prompt group gets (``ALLOCATIONS``), and ``select_branch_points`` checks its inputs
+(``_check_selection_inputs``) and picks (``_pick_points``: stable sorts by the criterion's keys, then a greedy pass
+with the soft ``min_distance``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ._checks import _check_finite_on_mask, _check_floating, _check_same_device, _check_same_shape, _check_tensor
+from .registry import get_allocation, get_branch_criterion, register_allocation, register_branch_criterion
+from .score import BranchingScore
+
+#: meaning of ``BranchPoints.fallback``
+FALLBACK_CODES = {0: "strict", 1: "bs_fill", 2: "entropy", 3: "random", 4: "duplicate", 5: "no_candidate"}
+_NON_CANDIDATE_TIER = 99
+
+
+class BranchPoints(NamedTuple):
+    """Chosen branch points, all (P,).
+
+    root:     long, row index of the root rollout the branch continues.
+    position: long, token s kept as the last prefix token; **−1 means "no candidate: resample this branch from the
+              prompt" (no shared prefix, so the branch gives its root no prefix credit).**
+    strict:   bool, ``fallback == 0``.
+    fallback: long, how the point was chosen (``FALLBACK_CODES``): 0 strict (z_H>0 ∧ z_Ω>0), 1 BS fill, 2 entropy
+              (fill, or the "entropy" criterion), 3 random, 4 duplicate of an earlier point, 5 no candidate.
+    score:    float, BS at the point (0 when position is −1 or no scores were given).
+    """
+
+    root: torch.Tensor
+    position: torch.Tensor
+    strict: torch.Tensor
+    fallback: torch.Tensor
+    score: torch.Tensor
+
+
+@register_branch_criterion("bs", needs_omega=True)
+def _criterion_bs(scores, entropy_key, candidates, generator):
+    """Branching Score: strict (z_H>0 ∧ z_Ω>0) by BS, then BS>0 by BS, then by entropy (the paper)."""
+    if scores is None:
+        raise ValueError("criterion 'bs' needs `scores` (the BranchingScore of the roots).")
+    bs = scores.scores
+    # Degenerate rows (z_Ω ≡ 0) have no strict candidate (spec §1: strict needs z_Ω > 0): the whole row is the
+    # entropy fallback, so `fallback`/`strict` report how often Ω actually informed a pick.
+    strict = (scores.z_entropy > 0) & (scores.z_omega > 0) & ~scores.degenerate[:, None]
+    tier = torch.where(strict, 0, torch.where((bs > 0) & ~scores.degenerate[:, None], 1, 2))
+    primary = torch.where(tier < 2, bs, entropy_key)
+    secondary = torch.where(tier < 2, entropy_key, torch.zeros_like(entropy_key))
+    return tier, primary, secondary
+
+
+@register_branch_criterion("entropy")
+def _criterion_entropy(scores, entropy_key, candidates, generator):
+    """Entropy alone (ablation)."""
+    return torch.full_like(candidates, 2, dtype=torch.long), entropy_key, torch.zeros_like(entropy_key)
+
+
+@register_branch_criterion("random")
+def _criterion_random(scores, entropy_key, candidates, generator):
+    """Uniform over candidates (ablation)."""
+    # Uniform subset without replacement: rank candidates by i.i.d. uniform keys drawn on the CPU (reproducible
+    # across devices for one seed). Uses the global RNG when `generator` is None.
+    keys = torch.rand(candidates.shape, generator=generator, dtype=torch.float64).to(candidates.device)
+    return torch.full_like(candidates, 3, dtype=torch.long), keys, torch.zeros_like(keys)
+
+
+def _greedy_pick(ranked: list[tuple[int, int]], quota: int, min_distance: int) -> list[int]:
+    """Indices into ``ranked`` ((row, pos) in rank order) accepted greedily with per-row spacing ≥ min_distance;
+    then, if fewer than ``quota``, the skipped ones in rank order (min_distance is soft, see module docstring)."""
+    if min_distance <= 1:
+        return list(range(min(quota, len(ranked))))
+    chosen: list[int] = []
+    skipped: list[int] = []
+    taken: dict[int, list[int]] = {}
+    for i, (row, pos) in enumerate(ranked):
+        if len(chosen) == quota:
+            break
+        if all(abs(pos - p) >= min_distance for p in taken.get(row, ())):
+            chosen.append(i)
+            taken.setdefault(row, []).append(pos)
+        else:
+            skipped.append(i)
+    return chosen + skipped[: quota - len(chosen)]
+
+
+def select_branch_points(
+    scores: BranchingScore | None,
+    candidates: torch.Tensor,
+    num_branches: int,
+    *,
+    criterion: str = "bs",
+    pooled: bool = False,
+    group_size: int = 1,
+    min_distance: int = 0,
+    generator: torch.Generator | None = None,
+    entropy: torch.Tensor | None = None,
+    allocation: str = "uniform",
+) -> BranchPoints:
+    """Choose branch points, docs/algorithm.md §1 (selection) and the ablation criteria.
+
+    Ranking (``criterion``, from ``BRANCH_CRITERIA``):
+      * "bs": strict candidates (z_H>0 ∧ z_Ω>0) by BS desc (code 0); then candidates with BS>0 by BS desc (code 1);
+        then the rest by entropy desc (code 2). A degenerate row has BS = z_H and no strict candidate, so it ranks
+        by entropy alone, all code 2.
+      * "entropy": by entropy desc (code 2).
+      * "random": uniform over candidates, drawn from ``generator`` (code 3); reproducible for a seeded generator.
+    Ties: BS ties by entropy desc, then lower token index, then lower row. Everything else is deterministic.
+    (The "none" ablation — no branching — is ``num_branches=0``, which returns empty tensors.)
+
+    Per-root mode (``pooled=False``): each root gets exactly K = ``num_branches`` points, P = B·K, ordered
+    root-major, each root's points in rank order. Pooled mode: rows come in contiguous groups of ``group_size``
+    roots of one prompt; each group gets its top ``group_size·K`` points over all its candidates, ordered by group
+    then rank, so roots of one prompt may get unequal numbers of points. Per-root mode equals pooled mode with
+    ``group_size=1``; ``group_size`` is ignored unless ``pooled``.
+
+    ``min_distance``: two points of one root are ≥ this many tokens apart (greedy in rank order). The constraint is
+    relaxed, in rank order, before any point is duplicated.
+    Duplicates: only when a root (a group, when pooled) has fewer candidates than points asked for; its chosen
+    points are then cycled in rank order (code 4). No candidate at all: the K points (``group_size·K`` when
+    pooled, spread root-major over the group's roots) get ``position = −1`` — resample from the prompt — code 5.
+
+    Args:
+        scores: ``BranchingScore`` of the B roots, or None (allowed for "random", and for "entropy" with ``entropy``).
+        candidates: (B, T) bool from ``branch_candidates``.
+        num_branches: K ≥ 0, branch points per root.
+        entropy: optional (B, T) floating entropy key that replaces ``scores.z_entropy`` for entropy ranking. In
+            pooled mode values are compared across roots, so z-scores are usually the right key.
+        allocation: how many points each group gets (``ALLOCATIONS``; "uniform": ``group_size·K`` per group).
+
+    Returns:
+        ``BranchPoints`` of length P (B·K per-root; B·K in pooled mode too, since every group asks for
+        group_size·K). Tensors live on ``candidates.device``.
+
+    Complexity: three (B, T) stable sorts, then a python loop over groups touching at most
+    group_size·K·max(1, 2·min_distance − 1) ranked candidates each (≈0.1 s at B=64, T=8192 on one CPU thread).
+    """
+    rule = get_branch_criterion(criterion)
+    quota_of = get_allocation(allocation)
+    entropy_key = _check_selection_inputs(scores, candidates, num_branches, criterion, pooled, group_size,
+                                          min_distance, entropy)
+    B, T = candidates.shape
+    device = candidates.device
+    gs = group_size if pooled else 1
+    if B * num_branches == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return BranchPoints(empty, empty.clone(), empty.bool(), empty.clone(), torch.zeros(0, device=device))
+    tier, primary, secondary = rule(scores, entropy_key, candidates, generator)
+    quotas = quota_of(B // gs, gs, num_branches)
+    roots, positions, codes = _pick_points(tier, primary, secondary, candidates, gs, quotas, num_branches,
+                                           min_distance)
+    root_t = torch.tensor(roots, dtype=torch.long, device=device)
+    pos_t = torch.tensor(positions, dtype=torch.long, device=device)
+    code_t = torch.tensor(codes, dtype=torch.long, device=device)
+    if scores is None:
+        score_t = torch.zeros(len(roots), dtype=torch.float32, device=device)
+    else:
+        score_t = scores.scores[root_t, pos_t.clamp(min=0)]
+        score_t = torch.where(pos_t >= 0, score_t, torch.zeros((), dtype=score_t.dtype, device=device))
+    return BranchPoints(root_t, pos_t, code_t == 0, code_t, score_t)
+
+
+def _check_selection_inputs(scores, candidates, num_branches, criterion, pooled, group_size, min_distance,
+                            entropy) -> torch.Tensor | None:
+    """Every check of ``select_branch_points``; returns the (B, T) float64 entropy key ranks fall back on."""
+    _check_tensor("candidates", candidates, 2)
+    if candidates.dtype != torch.bool:
+        raise ValueError(f"`candidates` must be a bool tensor (from branch_candidates), got {candidates.dtype}.")
+    if scores is not None:
+        if not isinstance(scores, BranchingScore):
+            raise TypeError(f"`scores` must be a BranchingScore or None, got {type(scores).__name__}.")
+        _check_same_shape(
+            "candidates", candidates, **{"scores.scores": scores.scores, "scores.z_entropy": scores.z_entropy,
+                                         "scores.z_omega": scores.z_omega}
+        )
+        if scores.degenerate.shape != candidates.shape[:1]:
+            raise ValueError(
+                f"`scores.degenerate` has shape {tuple(scores.degenerate.shape)}, expected ({candidates.shape[0]},)."
+            )
+    if entropy is not None:
+        _check_tensor("entropy", entropy, 2)
+        _check_same_shape("candidates", candidates, entropy=entropy)
+        _check_floating(entropy=entropy)
+    _check_same_device(
+        candidates=candidates,
+        scores=None if scores is None else scores.scores,
+        degenerate=None if scores is None else scores.degenerate,
+        entropy=entropy,
+    )
+    if num_branches < 0:
+        raise ValueError(f"`num_branches` must be >= 0, got {num_branches}.")
+    if min_distance < 0:
+        raise ValueError(f"`min_distance` must be >= 0, got {min_distance}.")
+    B, T = candidates.shape
+    gs = group_size if pooled else 1
+    if gs < 1 or B % gs:
+        raise ValueError(f"`group_size` must be >= 1 and divide the number of rows {B}, got {group_size}.")
+    if entropy is not None:
+        _check_finite_on_mask("entropy", entropy, candidates, "pass finite entropies on candidate tokens.")
+        return entropy.to(torch.float64)
+    if scores is not None:
+        return scores.z_entropy.to(torch.float64)
+    if criterion == "random":
+        return torch.zeros(B, T, dtype=torch.float64, device=candidates.device)
+    raise ValueError(f"criterion {criterion!r} needs `scores` or `entropy`.")
+
+
+def _pick_points(tier, primary, secondary, candidates, gs: int, quotas: list[int], num_branches: int,
+                 min_distance: int) -> tuple[list[int], list[int], list[int]]:
+    """The selection itself: rank each group's candidates by (tier asc, primary desc, secondary desc, token, row),
+    take its quota greedily with the soft ``min_distance``, cycle (code 4) when short, −1 (code 5) when empty."""
+    B, T = candidates.shape
+    device = candidates.device
+    tier = torch.where(candidates, tier.to(torch.long), _NON_CANDIDATE_TIER)
+    primary = primary.to(torch.float64)
+    secondary = secondary.to(torch.float64)
+
+    # Group layout (G, T, gs) flattened position-major, so that the identity order already breaks ties by lower token
+    # index then lower row; then stable sorts from the least to the most significant key.
+    G = B // gs
+
+    def flat(x):
+        return x.reshape(G, gs, T).transpose(1, 2).reshape(G, T * gs)
+
+    order = torch.arange(T * gs, device=device).expand(G, -1)
+    for key, descending in ((flat(secondary), True), (flat(primary), True), (flat(tier), False)):
+        _, idx = torch.sort(key.gather(1, order), dim=1, descending=descending, stable=True)
+        order = order.gather(1, idx)
+    n_cand = flat(candidates).sum(1).tolist()
+    window = min(T * gs, max(quotas) * max(1, 2 * min_distance - 1))
+    top = order[:, :window].tolist()
+    tier_flat = flat(tier).gather(1, order[:, :window]).tolist()
+
+    roots: list[int] = []
+    positions: list[int] = []
+    codes: list[int] = []
+    for g in range(G):
+        quota = quotas[g]
+        n = min(n_cand[g], window)
+        ranked = [(f % gs, f // gs) for f in top[g][:n]]
+        if not ranked:
+            for j in range(quota):
+                roots.append(g * gs + j // num_branches)
+                positions.append(-1)
+                codes.append(5)
+            continue
+        picked = _greedy_pick(ranked, quota, min_distance)
+        for j in range(quota):
+            i = picked[j % len(picked)]
+            roots.append(g * gs + ranked[i][0])
+            positions.append(ranked[i][1])
+            codes.append(tier_flat[g][i] if j < len(picked) else 4)
+    return roots, positions, codes
+
+
+@register_allocation("uniform")
+def _allocate_uniform(num_groups: int, group_size: int, num_branches: int) -> list[int]:
+    """B points per root: each group of ``group_size`` roots gets ``group_size·B`` (the paper's allocation)."""
+    return [group_size * num_branches] * num_groups

@@ -1,0 +1,110 @@
+"""The APPO step's metrics (``appo/*``): computed from the step's own values, summed or averaged over all ranks.
+
+Returned as ``{name: value}``; the trainer appends them to TRL's metrics (one value per step, averaged by TRL at
+logging time). ``gather`` is the collective of the run (``accelerator.gather``): every rank calls these functions
+in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from . import core
+from .batch_rows import loss_tokens
+from .records import near_tool
+
+Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
+def rollout_metrics(rollouts: Sequence, gather: Gather, device, prefix: str, with_tools: bool) -> dict[str, float]:
+    """Tool use and decoded tokens of `rollouts` (a branch's copied prefix is not decoded), summed over all ranks.
+
+    ``prefix`` is ``"appo/root"`` or ``"appo/branch"``; with tools, TRL's own ``tools/*`` names are filled too
+    (``<prefix>/tools/*`` for branches). Empty when no rank has a rollout.
+    """
+    local = torch.tensor(
+        [
+            float(len(rollouts)),
+            float(sum(r.tool_stats.calls for r in rollouts)),
+            float(sum(r.tool_stats.failures for r in rollouts)),
+            float(sum(sum(r.model_mask[r.prefix_length :]) for r in rollouts)),
+        ],
+        device=device,
+    )
+    n, calls, fails, decoded = gather(local.unsqueeze(0)).sum(dim=0).tolist()
+    if n == 0:
+        return {}
+    out = {}
+    if with_tools:  # TRL's names and meaning, here per rollout group (roots; branches add theirs)
+        trl_name = "tools" if prefix == "appo/root" else f"{prefix}/tools"
+        out[f"{trl_name}/call_frequency"] = calls / n
+        out[f"{trl_name}/failure_frequency"] = fails / calls if calls else 0.0
+    out[f"{prefix}/tool_calls_per_rollout"] = calls / n
+    out[f"{prefix}/tool_failure_rate"] = fails / calls if calls else 0.0
+    out[f"{prefix}/decoded_tokens"] = decoded
+    return out
+
+
+def step_metrics(*, view, scores, points, branches, branch_rewards, root_rewards, weights, credit, timings,
+                 branch_rows, uses_omega: bool, gather: Gather, device) -> dict[str, float]:
+    """The step's ``appo/*`` metrics.
+
+    Args:
+        view: the step's `RootView` (this rank's roots). scores: ``core.BranchingScore``. points: ``BranchPoints``.
+        branches: this rank's branch rollouts. branch_rewards: (P_all, F) and root_rewards: (R_all, F), gathered.
+        weights: (F,) reward weights. credit: (R, T) per-token advantages. timings: seconds (score, generate,
+        reward). branch_rows: the branch loss rows or None. uses_omega: the criterion reads Ω (else Ω/BS metrics
+        are left out: they are not computed).
+    """
+    out: dict[str, float] = {}
+    pts = core.BranchPoints(*(x.cpu() for x in points))
+    R = len(view.completion_ids)
+    valid = pts.position >= 0
+    lengths = torch.tensor([max(len(c), 1) for c in view.completion_ids]).float()
+    rel = (pts.position.float() / lengths[pts.root]).masked_fill(~valid, float("nan"))
+    mm = view.model_mask.cpu()
+    near = torch.tensor([near_tool(view.completion_model_mask[r], s)
+                         for r, s in zip(pts.root.tolist(), pts.position.tolist(), strict=True)], dtype=torch.bool)
+    nan = float("nan")
+    local = torch.tensor(
+        [
+            len(branches) / max(R, 1),
+            torch.nanmean(rel).item() if valid.any() else nan,
+            near[valid].float().mean().item() if valid.any() else nan,
+            (pts.fallback == 0).float().mean().item() if len(pts.fallback) else nan,
+            scores.degenerate.float().mean().item() if scores.degenerate.numel() else nan,
+            pts.score.abs()[valid].mean().item() if valid.any() else nan,
+            sum(sum(b.model_mask[b.prefix_length:]) for b in branches),
+            float(mm.sum()),
+            (pts.fallback == 4).float().mean().item() if len(pts.fallback) else nan,
+            (pts.fallback == 5).float().mean().item() if len(pts.fallback) else nan,
+            float(loss_tokens(branch_rows)) if branch_rows is not None else 0.0,
+        ],
+        device=device,
+    )
+    g = gather(local.unsqueeze(0))
+    names = ["branch_points_per_root", "branch_position_rel", "branch_near_tool_frac", "branch_strict_frac",
+             "omega_degenerate_frac", "bs_abs_mean"]
+    if not uses_omega:  # Ω and BS are not computed for these criteria
+        names = names[:3]
+    for i, name in enumerate(names):
+        out[f"appo/{name}"] = torch.nanmean(g[:, i]).item()
+    out["appo/branch_decoded_tokens"] = g[:, 6].sum().item()
+    out["appo/root_model_tokens"] = g[:, 7].sum().item()
+    # Duplicated points only when a root has fewer eligible tokens than B, and this is logged (paper §3.1 read).
+    out["appo/branch_duplicate_frac"] = torch.nanmean(g[:, 8]).item()
+    out["appo/branch_no_candidate_frac"] = torch.nanmean(g[:, 9]).item()
+    if branch_rows is not None:
+        out["appo/branch_loss_tokens"] = g[:, 10].sum().item()
+    br = (branch_rewards.to(device) * weights.unsqueeze(0)).nansum(dim=1)
+    rr = (root_rewards.to(device) * weights.unsqueeze(0)).nansum(dim=1)
+    out["appo/branch_reward"] = br.mean().item()
+    out["appo/root_reward"] = rr.mean().item()
+    on = view.model_mask.bool().to(credit.device)
+    prefix_mag = credit.abs()[on].mean() if on.any() else credit.new_zeros(())
+    out["appo/credit_abs_mean"] = gather(prefix_mag.reshape(1)).mean().item()
+    for name, secs in zip(("score", "generate", "reward"), timings, strict=True):
+        out[f"appo/seconds_{name}_branches"] = secs
+    return out

@@ -91,6 +91,7 @@ def test_recipe_builds_on_cpu(script, path, tmp_path):
     assert (training_args.epsilon, training_args.epsilon_high, training_args.delta) == (0.2, 0.28, 3.0)
     assert training_args.future_kl_decay == 64 and training_args.future_kl_clip == 0.2
     assert training_args.future_kl_weight == 1.0 and training_args.reward_scale_discount == 0.9
+    assert training_args.future_kl_normalize is False  # the paper's unnormalised weight
     assert training_args.branch_schedule == "per_update" and training_args.tool_protocol == "tags"
     if path in GPU_YAMLS:
         steps = training_args.steps_per_generation // training_args.gradient_accumulation_steps

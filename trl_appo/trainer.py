@@ -528,7 +528,7 @@ class APPOTrainer(GRPOTrainer):
         return dict(
             decay=a.future_kl_decay, clip=a.future_kl_clip, clip_high_only=a.future_kl_clip_high_only,
             weight=a.future_kl_weight, safety_thresh=a.future_kl_safety_thresh, dual_clip_c=a.delta or 3.0,
-            form=a.future_kl_form,
+            form=a.future_kl_form, normalize=a.future_kl_normalize,
         )
 
     def _reweight(self, advantages, weights, mask):
@@ -595,7 +595,8 @@ class APPOTrainer(GRPOTrainer):
                 f"schedule `{a.branch_schedule}`, Ω vs `{a.omega_reference}` (γ={a.branch_gamma}, ε_Ω={a.omega_clip}); "
                 f"dual groups {a.dual_groups}, prefix credit {a.prefix_credit}, procedure scaling {a.procedure_scale} "
                 f"(ρ={a.reward_scale_discount}, λ={a.procedure_scale_weight}); future-KL {a.future_kl} (form "
-                f"`{a.future_kl_form}`, decay {a.future_kl_decay}, ε_f={a.future_kl_clip}, b={a.future_kl_weight}); "
+                f"`{a.future_kl_form}`, decay {a.future_kl_decay}, ε_f={a.future_kl_clip}, b={a.future_kl_weight}, "
+                f"normalised {a.future_kl_normalize}); "
                 f"dual-clip c={a.delta}; branch loss `{a.branch_loss}` (advantage `{a.branch_advantage}`), branch "
                 f"point token `{a.branch_point_token}`; tool protocol `{a.tool_protocol}`, max tool calls "
                 f"{a.max_tool_calls}.\n"

@@ -255,8 +255,36 @@ class APPOConfig(GRPOConfig):
     def __post_init__(self):
         # One line each about what APPO decided for the user; the trainer logs them once at start.
         self.appo_notes: list[str] = []
-        super().__post_init__()
+        user_set_gbs = self.generation_batch_size is not None
+        try:
+            super().__post_init__()
+        except ValueError as e:
+            if "must be divisible by num_generations" not in str(e):
+                raise
+            raise ValueError(self._generation_batch_fix(user_set_gbs)) from e
         self._validate_appo()
+
+    def _generation_batch_fix(self, user_set_gbs: bool) -> str:
+        """TRL's "generation_batch_size (12) must be divisible by num_generations (16)", in terms of the fields the
+        user set, with values that work."""
+        M, bs, gbs = self.num_generations, self.per_device_train_batch_size, self.generation_batch_size
+        ga = self.gradient_accumulation_steps
+        procs = max(1, gbs // (bs * self.steps_per_generation)) if self.steps_per_generation else 1
+        if user_set_gbs:
+            good = math.lcm(M, bs * procs)
+            return (f"generation_batch_size={gbs} must be a multiple of num_generations={M} (whole groups of "
+                    f"rollouts per prompt) and of per_device_train_batch_size·processes={bs * procs}: set "
+                    f"generation_batch_size={good}, or num_generations to a divisor of {gbs}.")
+        spg = self.steps_per_generation
+        spg_fix = math.lcm(M // math.gcd(M, bs * procs), ga)
+        bs_step = M // math.gcd(M, procs * spg)
+        bs_fix = -(-bs // bs_step) * bs_step
+        where = "per_device_train_batch_size·steps_per_generation" if procs == 1 else (
+            f"per_device_train_batch_size·{procs} processes·steps_per_generation")
+        unset = "; steps_per_generation unset = gradient_accumulation_steps, as in GRPOConfig" if spg == ga else ""
+        return (f"a generation batch of {where} = {gbs} rollouts ({bs}·{spg}{unset}) must hold whole groups of "
+                f"num_generations={M}: set per_device_train_batch_size={bs_fix}, or steps_per_generation={spg_fix}, "
+                f"or num_generations to a divisor of {gbs}.")
 
     @classmethod
     def from_grpo(cls, grpo_config: GRPOConfig, **appo_fields) -> APPOConfig:

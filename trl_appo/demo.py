@@ -177,11 +177,17 @@ def summarize_branch_trees(records: Sequence[Mapping[str, Any]], window: int = 3
 # ------------------------------------------------------------------------------------------------ training helpers
 
 
-def _progress_callback():
-    """TRL's progress bar, with the log dicts shown as a compact postfix instead of printed lines."""
+def _progress_callback(label: str | None = None):
+    """TRL's progress bar, labelled (e.g. "GRPO" / "APPO"), with the log dicts shown as a compact postfix instead
+    of printed lines."""
     from transformers.trainer_callback import ProgressCallback
 
     class CompactProgress(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            if label and self.training_bar is not None:
+                self.training_bar.set_description(label)
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and self.training_bar is not None and logs:
                 keep = {"reward": "reward", "appo/branch_reward": "branch", "appo/branch_points_per_root": "bp/root",
@@ -211,7 +217,7 @@ def demo_python_tool():
         return PythonTool(isolation="none")
 
 
-def _make_trainer(model, tokenizer, args, train_dataset, reward_funcs, tools, peft_config=None):
+def _make_trainer(model, tokenizer, args, train_dataset, reward_funcs, tools, peft_config=None, label=None):
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from trl_appo.trainer import APPOTrainer
@@ -221,7 +227,7 @@ def _make_trainer(model, tokenizer, args, train_dataset, reward_funcs, tools, pe
     trainer.remove_callback(PrinterCallback)  # with --no-progress it would print every log dict
     if not args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(_progress_callback())
+        trainer.add_callback(_progress_callback(label))
     return trainer
 
 
@@ -301,7 +307,8 @@ def run_part_a(out: Path, s: DemoSettings, progress: bool = True) -> PartResult:
         min_branch_tokens=s.a_min_branch_tokens, max_tool_calls=2, disable_tqdm=not progress,
     )
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    trainer = _make_trainer(model, tokenizer, args, data, [format_answer_type_reward], [demo_python_tool()], lora)
+    trainer = _make_trainer(model, tokenizer, args, data, [format_answer_type_reward], [demo_python_tool()], lora,
+                             label="APPO (SmolLM2 + LoRA)")
     print(f"\n== Part A: SmolLM2-135M-Instruct + LoRA, {s.a_steps} APPO step(s), M=4 (N=2 roots x (1+B=1)), "
           f"tag protocol + Python tool, max {s.a_max_completion_length} tokens ==")
     trainer.train()
@@ -403,18 +410,22 @@ def run_part_b(out: Path, s: DemoSettings, progress: bool = True) -> PartResult:
         )
         print(f"  {label}: {s.b_steps} steps, M={args.num_generations} rollouts per prompt "
               f"(N={args.num_roots} roots x (1+B={args.num_branches}))", flush=True)
-        trainer = _make_trainer(net, tokenizer, args, data["train"], [format_answer_type_reward], tools)
+        trainer = _make_trainer(net, tokenizer, args, data["train"], [format_answer_type_reward], tools,
+                                label=f"{label} RL")
         trainer.train()
         return trainer, _heldout_eval(trainer.model, tokenizer, data["heldout"], s, tools, f"after {label}")
 
     # The same warm start, data, budget and seed: GRPO (branch_criterion="none") beside APPO (the defaults).
     grpo, grpo_after = train(out / "tiny_grpo", "GRPO", branch_criterion="none", log_branch_trees=False)
+    if (out / "tiny_grpo").is_dir() and not any((out / "tiny_grpo").iterdir()):
+        (out / "tiny_grpo").rmdir()  # the baseline saves nothing (its numbers are in report/metrics.json)
     run_dir = out / "tiny"
     trainer, after = train(run_dir, "APPO")
     final = run_dir / "final"
     trainer.save_model(str(final))
     tokenizer.save_pretrained(str(final))
-    print(f"  trained APPO model saved: {final} (evaluate with `trl-appo eval --model {final} ...`)")
+    print(f"  trained APPO model saved: {final} (evaluate it on the demo's held-out questions: `trl-appo eval "
+          f"--model {final} --dataset task:tiny_arith --protocol tags --tools python --limit 64`)")
     from trl_appo.viz import load_branch_trees
 
     records = load_branch_trees(run_dir)
@@ -587,8 +598,15 @@ def _report_md(results, s: DemoSettings, wall: float, quick: bool, files: list[s
 # ------------------------------------------------------------------------------------------------ main
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line naming the fix (exit 2), not the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="trl-appo demo",
         description="Offline APPO demo on 2 CPU cores (no downloads). Part B (default): a tiny model warm-started "
         "by SFT, then APPO and GRPO from the same start; held-out Pass@1 of both; the APPO model is saved. Part A "
@@ -606,25 +624,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--b-sft-steps", type=int, default=None, help="SFT warm-start steps of Part B (default 160).")
     p.add_argument("--b-lr", type=float, default=None, help="APPO learning rate of Part B (default 1e-4).")
     p.add_argument("--threads", type=int, default=None,
-                   help="Torch CPU threads. Default: all cores on an idle machine, 1 when other processes keep the "
-                   "CPUs busy (2-thread OpenMP on 2 oversubscribed cores decodes ~20x slower than 1 thread).")
+                   help="Torch CPU threads. Default: OMP_NUM_THREADS when set, else all cores on an idle machine and "
+                   "fewer when other processes keep the CPUs busy (trl_appo.runtime.choose_threads: 2-thread OpenMP "
+                   "on 2 oversubscribed cores decodes ~20x slower than 1 thread).")
     p.add_argument("--no-progress", action="store_true", help="No progress bars.")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto", help="ANSI colours. Default auto.")
     return p
-
-
-def choose_threads() -> int:
-    """All cores on an idle machine; one when the machine is already busy.
-
-    On 2 cores shared with other busy processes, torch's OpenMP threads wait on each other at every small
-    matmul: decoding SmolLM2 took 69-88 s with 2 threads vs 3.2 s with 1 (measured, load average ~4).
-    """
-    cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return cores
-    return cores if load < 0.75 else max(1, min(cores, int(cores - load)))
 
 
 def _setup_environment() -> None:
@@ -637,7 +642,7 @@ def _setup_environment() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*per_update.*")
-    for name in ("transformers", "trl", "peft", "accelerate", "bitsandbytes.backends.cpu.ops"):
+    for name in ("transformers", "trl", "peft", "accelerate", "bitsandbytes.backends.cpu.ops", "kernels"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
@@ -664,9 +669,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           "[importing TRL takes ~10-15 s]", flush=True)
     import torch
 
-    threads = args.threads or choose_threads()
-    torch.set_num_threads(threads)
-    print(f"torch threads: {threads} (cores {os.cpu_count()}, load average {os.getloadavg()[0]:.1f})", flush=True)
+    from trl_appo.runtime import set_cpu_threads
+
+    print(set_cpu_threads(args.threads)[1], flush=True)
     torch.manual_seed(settings.seed)
     results: list[PartResult] = []
     if args.part in ("a", "all"):

@@ -170,8 +170,9 @@ def test_accelerate_config_loads(path):
 def test_cpu_demo_trains_end_to_end(script, tmp_path):
     from trl_appo.viz import load_branch_trees, load_log_history
 
+    # the random `tiny` model: the pipeline in seconds (the recipe's warm start is the slow test below)
     trainer = script.main(["--config", str(RECIPES / "cpu" / "demo.yaml"), "--max_steps", "1",
-                           "--output_dir", str(tmp_path)])
+                           "--model_name_or_path", "tiny", "--output_dir", str(tmp_path)])
     assert trainer.state.global_step == 1
     assert (tmp_path / "model.safetensors").exists()
     history = load_log_history(tmp_path)  # trainer_state.json written by the script
@@ -179,6 +180,26 @@ def test_cpu_demo_trains_end_to_end(script, tmp_path):
     records = load_branch_trees(tmp_path)
     assert records and all(len(r["branches"]) == 3 for r in records)  # B=3 per root
     assert len(records) == 4  # the N=4 roots of the step's prompt
+
+
+def test_cpu_recipe_starts_from_the_warm_started_model(script, tmp_path):
+    # build_from_args stays light: the warm start (SFT, then cached) happens when the trainer is built
+    from trl_appo.scripts import TINY_WARM_MODEL
+
+    s, a, m = script.parse_args(["--config", str(RECIPES / "cpu" / "demo.yaml"), "--output_dir", str(tmp_path)])
+    assert m.model_name_or_path == TINY_WARM_MODEL
+    recipe = script.build_from_args(s, a, m, with_data=False, with_tools=False)
+    assert recipe.model == TINY_WARM_MODEL and recipe.processing_class is not None
+
+
+@pytest.mark.slow
+def test_cpu_recipe_log_shows_rewards_and_gradients_move(script, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRL_APPO_CACHE", str(tmp_path / "cache"))  # the SFT warm start runs here (~1 min)
+    trainer = script.main(["--config", str(RECIPES / "cpu" / "demo.yaml"), "--output_dir", str(tmp_path / "out")])
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert any(e["loss"] != 0 for e in logs) and any(e["grad_norm"] > 0 for e in logs)
+    rewards = [e["reward"] for e in logs if "reward" in e]
+    assert any(r > -1 for r in rewards), rewards  # not the format penalty everywhere, as with a random model
 
 
 # ------------------------------------------------------------------------------------------------ one wiring, shipped

@@ -42,7 +42,8 @@ class _Parser(argparse.ArgumentParser):
 # ------------------------------------------------------------------------------------------------ parser
 
 TRAIN_COMMON_FIELDS = """common fields (YAML key or --flag; every one: `trl-appo train --help_all`):
-  --model_name_or_path  a hub id, a local path, or `tiny` (offline 30k-parameter model)
+  --model_name_or_path  a hub id, a local path, `tiny` (random 30k-parameter model) or `tiny_warm` (the demo's
+                        SFT-warm-started 1M model, built once and cached)
   --dataset_name        task:tiny_arith | task:tool | an ARPO parquet/folder | a .jsonl/.json/.parquet/.csv file
   --reward_funcs        format_f1 format_answer_type answer_type f1 exact_match math_equivalence, and TRL's
                         accuracy think_format (or a dotted path pkg.module.fn)
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         "column (`ground_truth`, `reward_model` or `solution`).",
         allow_abbrev=False,
     )
-    p.add_argument("--model", required=True, help="A local model directory (save_pretrained output), `tiny` or "
+    p.add_argument("--model", required=True, help="A local model directory (save_pretrained output), `tiny`, `tiny_warm` or "
                    "`smollm2`.")
     p.add_argument("--dataset", required=True,
                    help="A .jsonl/.json/.parquet/.csv file, or task:tiny_arith / task:tool.")

@@ -14,7 +14,7 @@ Two parts, because one model cannot show both things on 2 CPU cores in a few min
   measured before and after (Pass@1 through the same tool loop, `trl_appo.evaluation`).
 
 The tiny model uses a minimal chat template that renders only the question (`What is 347 * 29?\n`): every
-prompt token costs time on CPU, and OFFLINE.md measured that a 1M model does not learn to copy digits behind a
+prompt token costs time on CPU, and we measured that a 1M model does not learn to copy digits behind a
 ~150-token prompt in the time available.
 
 Outputs under `--output-dir` (default `appo-demo/`): each part's trainer output (`smollm2/`, `tiny/`, with
@@ -362,32 +362,73 @@ def _heldout_eval(model, tokenizer, heldout, s: DemoSettings, tools, label: str)
     return numbers
 
 
+def _tiny_model_and_sft_examples(s: DemoSettings):
+    """Part B's tokenizer, its fresh tiny model and the SFT transcripts of its warm start."""
+    from trl_appo import tasks
+    from trl_appo.sft import tag_transcript_example
+    from trl_appo.testing import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(chat_template=MINI_CHAT_TEMPLATE)
+    model = build_tiny_model(tokenizer, hidden_size=s.b_hidden, num_layers=s.b_layers, num_heads=4, num_kv_heads=2,
+                             intermediate_size=4 * s.b_hidden, seed=s.seed)
+    examples = [
+        tag_transcript_example(
+            tokenizer, tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False),
+            r["completion"][0]["content"],
+        )
+        for r in tasks.make_sft_transcripts(2000, seed=s.seed + 1)
+    ]
+    return tokenizer, model, examples
+
+
+WARM_CACHE = Path("~/.cache/trl_appo/tiny_warm")
+"""Where `warm_tiny_model` caches the warm-started weights (keyed by the settings that make them)."""
+
+
+def warm_tiny_model(s: DemoSettings | None = None, cache_dir: str | os.PathLike | None = None, log=print):
+    """(model, tokenizer): Part B's tiny model after its SFT warm start, the starting point of the CPU recipe
+    (`model_name_or_path: tiny_warm`). The SFT (~1 min on 2 cores) runs once; its weights are cached in
+    `~/.cache/trl_appo/tiny_warm/` (TRL_APPO_CACHE overrides the folder) under a key of the settings."""
+    import hashlib
+
+    import torch
+
+    from trl_appo.sft import sft_warm_start
+
+    s = s or DemoSettings()
+    keys = {k: getattr(s, k) for k in ("b_hidden", "b_layers", "b_sft_steps", "b_sft_lr", "seed")}
+    key = hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
+    folder = Path(cache_dir or os.environ.get("TRL_APPO_CACHE") or WARM_CACHE).expanduser()
+    path = folder / f"warm_{key}.pt"
+    torch.manual_seed(s.seed)
+    tokenizer, model, examples = _tiny_model_and_sft_examples(s)
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model, tokenizer
+    log(f"[tiny_warm] SFT warm start of the demo's tiny model ({s.b_sft_steps} steps, once; cached in {folder})")
+    sft_warm_start(model, tokenizer, examples, steps=s.b_sft_steps, lr=s.b_sft_lr, seed=s.seed, progress=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, path)
+    return model, tokenizer
+
+
 def run_part_b(out: Path, s: DemoSettings, progress: bool = True) -> PartResult:
     """Tiny model: SFT warm start, held-out eval, APPO, held-out eval."""
     import torch
 
     from trl_appo import tasks
     from trl_appo.rewards import format_answer_type_reward
-    from trl_appo.sft import sft_warm_start, tag_transcript_example
-    from trl_appo.testing import build_tiny_model, build_tiny_tokenizer
-    from trl_appo.tools import PythonTool
+    from trl_appo.sft import sft_warm_start
+    from trl_appo.testing import build_tiny_model
 
     result = PartResult("B: tiny Qwen2 (~1M params), SFT warm start + APPO (learning)")
     t0 = time.perf_counter()
     torch.manual_seed(s.seed)
-    tokenizer = build_tiny_tokenizer(chat_template=MINI_CHAT_TEMPLATE)
-    model = build_tiny_model(tokenizer, hidden_size=s.b_hidden, num_layers=s.b_layers, num_heads=4, num_kv_heads=2,
-                             intermediate_size=4 * s.b_hidden, seed=s.seed)
+    tokenizer, model, examples = _tiny_model_and_sft_examples(s)
     n_params = sum(p.numel() for p in model.parameters())
     data = tasks.make_tiny_tasks(max(256, s.b_steps * 8), s.b_heldout, seed=s.seed)
-    sft_rows = tasks.make_sft_transcripts(2000, seed=s.seed + 1)
-    examples = [
-        tag_transcript_example(
-            tokenizer, tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False),
-            r["completion"][0]["content"],
-        )
-        for r in sft_rows
-    ]
     tools = [demo_python_tool()]
     print(f"\n== Part B: tiny Qwen2 ({n_params / 1e6:.2f}M params, vocab {len(tokenizer)}), SFT warm start "
           f"{s.b_sft_steps} steps, then {s.b_steps} RL steps each for GRPO and APPO ==")

@@ -21,7 +21,8 @@ Data (`APPOScriptArguments.dataset_name`):
   * a folder or a `.parquet` of the ARPO/APPO release (`trl_appo.datasets.load_arpo_dataset`);
   * any other local `.jsonl/.json/.parquet/.csv` file or hub name (`trl_appo.datasets.load_dataset_any`).
 
-Model shortcut: `--model_name_or_path tiny` builds the ~30k-parameter offline tokenizer/model of
+Model shortcuts: `--model_name_or_path tiny_warm` is the CPU demo's SFT-warm-started ~1M model
+(`trl_appo.demo.warm_tiny_model`, built once and cached; what `cpu/demo.yaml` trains); `tiny` builds the random ~30k-parameter offline tokenizer/model of
 `trl_appo.testing` (CPU smoke runs and CI); anything else is loaded by the trainer from the hub or a path with
 `ModelConfig.dtype` / `attn_implementation` / quantization.
 
@@ -67,6 +68,9 @@ def _one_line(text: Any) -> str:
     return " ".join(str(text).split())
 
 TINY_MODEL = "tiny"
+TINY_WARM_MODEL = "tiny_warm"
+"""The CPU demo's ~1M-parameter model after its SFT warm start (`trl_appo.demo.warm_tiny_model`: built once, ~1 min
+on 2 cores, then cached), so a CPU run shows rewards and gradients move; `tiny` is the random ~30k model."""
 
 REWARD_FUNCS = {
     "format_f1": "format_f1_reward",
@@ -207,8 +211,13 @@ class Recipe:
         """Construct the `APPOTrainer` (loads the model when `model` is a name)."""
         from trl_appo.trainer import APPOTrainer
 
+        model = self.model
+        if model == TINY_WARM_MODEL:
+            from trl_appo.demo import warm_tiny_model
+
+            model = warm_tiny_model()[0]
         return APPOTrainer(
-            model=self.model,
+            model=model,
             reward_funcs=self.reward_funcs,
             args=self.args,
             train_dataset=self.train_dataset,
@@ -604,6 +613,11 @@ def build_model(model_args: ModelConfig, training_args: APPOConfig):
 
         tokenizer = build_tiny_tokenizer()
         return build_tiny_model(tokenizer, seed=training_args.seed), tokenizer, None, peft_config
+    if model_args.model_name_or_path == TINY_WARM_MODEL:  # the weights are made (once) when the trainer is built
+        from trl_appo.demo import MINI_CHAT_TEMPLATE
+        from trl_appo.testing import build_tiny_tokenizer
+
+        return TINY_WARM_MODEL, build_tiny_tokenizer(chat_template=MINI_CHAT_TEMPLATE), None, peft_config
     if not model_args.model_name_or_path:
         raise RecipeError("Set model_name_or_path (a hub id, a local path, or 'tiny').")
     init = dict(
@@ -664,6 +678,10 @@ def load_pretrained(name: str, seed: int = 0):
 
         tok = build_tiny_tokenizer()
         return build_tiny_model(tok, seed=seed), tok
+    if name == TINY_WARM_MODEL:
+        from trl_appo.demo import warm_tiny_model
+
+        return warm_tiny_model()
     path = Path(name)
     if not path.exists():
         raise RecipeError(f"model not found: {name} (pass a local directory written by save_pretrained, tiny or "
@@ -797,7 +815,7 @@ def prepare(argv: list[str] | None = None):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     script_args, training_args, model_args = parse_args(argv)
     check_resume(training_args)
-    if model_args.model_name_or_path == TINY_MODEL:
+    if model_args.model_name_or_path in (TINY_MODEL, TINY_WARM_MODEL):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     recipe = build_from_args(script_args, training_args, model_args)
     if training_args.use_cpu or not _accelerator_available():

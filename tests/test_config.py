@@ -42,7 +42,8 @@ def test_budget_must_split_into_roots_and_branches():
 
 
 def test_generation_batch_must_hold_whole_groups():
-    with pytest.raises(ValueError, match="divisible by num_generations|multiple of num_generations"):
+    with pytest.raises(ValueError, match="whole groups of num_generations=16: set per_device_train_batch_size=16, "
+                                         "or steps_per_generation=2"):
         make(num_generations=16, per_device_train_batch_size=8, steps_per_generation=1)
 
 

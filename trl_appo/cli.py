@@ -201,6 +201,27 @@ def cmd_train(args, rest: list[str]) -> int:
     return 0
 
 
+def train_script_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Entry of `recipes/train_appo.py` and `python -m trl_appo.scripts`: as `trl-appo train`, with errors as
+    `<prog>: error: ...` (one line, exit 2). Third-party output of the imports and wiring is held as in cmd_train."""
+    from trl_appo.runtime import held_stderr
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = prog or os.path.basename(sys.argv[0] or "train_appo")
+    try:
+        with held_stderr(discard_on=(BadInput,)):
+            scripts = _scripts()
+            try:
+                prepared = scripts.prepare(argv)
+            except scripts.RecipeError as e:
+                raise BadInput(str(e)) from e
+    except BadInput as e:
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    scripts.run(*prepared)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ recipes
 
 

@@ -844,14 +844,10 @@ def train(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Command-line entry (`python -m trl_appo.scripts`, `recipes/train_appo.py`): exit code 2 and one line on
-    stderr for bad input, 0 after training."""
-    prog = prog or os.path.basename(sys.argv[0] or "train_appo")
-    try:
-        train(argv)
-    except RecipeError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
+    stderr for bad input, 0 after training (`trl_appo.cli.train_script_main`)."""
+    from trl_appo.cli import train_script_main
+
+    return train_script_main(argv, prog=prog or os.path.basename(sys.argv[0] or "train_appo"))
 
 
 if __name__ == "__main__":

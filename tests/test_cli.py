@@ -417,3 +417,24 @@ def test_known_import_noise_loggers_are_quiet_unless_configured():
 
     for name in ("bitsandbytes.backends.cpu.ops", "kernels"):
         assert logging.getLogger(name).getEffectiveLevel() >= logging.ERROR
+
+
+def test_eval_budget_defaults_to_the_trained_models(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "appo_settings.json").write_text(json.dumps({"max_completion_length": 9, "tool_protocol": "tags"}))
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"prompt": "What is 2 * 3?", "ground_truth": "6"}) + "\n")
+    out = tmp_path / "res.json"
+    assert main(["eval", "--model", str(model), "--dataset", str(data), "--k", "1", "--n", "1", "--output",
+                 str(out)]) == 0
+    assert json.loads(out.read_text())["settings"]["max_completion_length"] == 9
+    assert main(["eval", "--model", str(model), "--dataset", str(data), "--k", "1", "--n", "1", "--output",
+                 str(out), "--max_completion_length", "7"]) == 0  # a value given wins
+    assert json.loads(out.read_text())["settings"]["max_completion_length"] == 7
+    from trl_appo import scripts
+
+    (model / "appo_settings.json").unlink()  # nothing recorded: the documented default
+    assert scripts.trained_max_completion_length(str(model)) is None

@@ -175,6 +175,10 @@ def test_cpu_demo_trains_end_to_end(script, tmp_path):
                            "--model_name_or_path", "tiny", "--output_dir", str(tmp_path)])
     assert trainer.state.global_step == 1
     assert (tmp_path / "model.safetensors").exists()
+    import json
+
+    saved = json.loads((tmp_path / "appo_settings.json").read_text())  # what `trl-appo eval` defaults to
+    assert saved["max_completion_length"] == 48 and saved["tool_protocol"] == "tags"
     history = load_log_history(tmp_path)  # trainer_state.json written by the script
     assert any("appo/branch_points_per_root" in e for e in history)
     records = load_branch_trees(tmp_path)

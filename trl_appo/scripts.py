@@ -12,8 +12,11 @@ field) and `trl.ModelConfig` (model, PEFT, quantization). `--config` takes a pat
 (`trl_appo.recipes`: `cpu/demo.yaml`, `qwen2.5-7b-instruct/qlora.yaml`, ...).
 
 Bad input is a `RecipeError` (a `ValueError`) with a one-line message naming the fix: a missing recipe, a YAML
-syntax error, an empty YAML, an unknown key (with the closest field name), a value of the wrong type, and any
-error raised while constructing the dataclasses (every `APPOConfig` check). `main` prints it and returns 2.
+syntax error, an empty YAML, an unknown key (with the closest field name), a value of the wrong type, any error
+raised while constructing the dataclasses (every `APPOConfig` check), a missing, empty or unreadable dataset, an
+unknown tool or reward, and a `resume_from_checkpoint` that names no checkpoint. `prepare` raises all of them
+before anything is written; `main` prints the line and returns 2, and `train`/`main` hold back what third-party
+packages print meanwhile (`trl_appo.runtime.held_stderr`), so that line is all a user sees.
 
 Data (`APPOScriptArguments.dataset_name`):
   * `task:tiny_arith`  — offline `What is a * b?` rows for the tiny model (`trl_appo.tasks.make_tiny_tasks`);

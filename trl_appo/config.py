@@ -256,15 +256,16 @@ class APPOConfig(GRPOConfig):
         # One line each about what APPO decided for the user; the trainer logs them once at start.
         self.appo_notes: list[str] = []
         user_set_gbs = self.generation_batch_size is not None
+        user_set_spg = self.steps_per_generation is not None
         try:
             super().__post_init__()
         except ValueError as e:
             if "must be divisible by num_generations" not in str(e):
                 raise
-            raise ValueError(self._generation_batch_fix(user_set_gbs)) from e
+            raise ValueError(self._generation_batch_fix(user_set_gbs, user_set_spg)) from e
         self._validate_appo()
 
-    def _generation_batch_fix(self, user_set_gbs: bool) -> str:
+    def _generation_batch_fix(self, user_set_gbs: bool, user_set_spg: bool) -> str:
         """TRL's "generation_batch_size (12) must be divisible by num_generations (16)", in terms of the fields the
         user set, with values that work."""
         M, bs, gbs = self.num_generations, self.per_device_train_batch_size, self.generation_batch_size
@@ -281,7 +282,7 @@ class APPOConfig(GRPOConfig):
         bs_fix = -(-bs // bs_step) * bs_step
         where = "per_device_train_batch_size·steps_per_generation" if procs == 1 else (
             f"per_device_train_batch_size·{procs} processes·steps_per_generation")
-        unset = "; steps_per_generation unset = gradient_accumulation_steps, as in GRPOConfig" if spg == ga else ""
+        unset = "" if user_set_spg else "; steps_per_generation unset = gradient_accumulation_steps, as in GRPOConfig"
         return (f"a generation batch of {where} = {gbs} rollouts ({bs}·{spg}{unset}) must hold whole groups of "
                 f"num_generations={M}: set per_device_train_batch_size={bs_fix}, or steps_per_generation={spg_fix}, "
                 f"or num_generations to a divisor of {gbs}.")

@@ -49,6 +49,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
 
+# The clip settings and future-KL form every committed result was measured with (the library's defaults before
+# APPOConfig kept GRPOConfig's: epsilon_high/delta None, future-KL weight normalised); pinned so reruns compare.
+MEASURED_WITH = {"epsilon_high": 0.28, "delta": 3.0, "future_kl_normalize": False}
 GRPO = {"branch_criterion": "none", "future_kl": False}
 _APPO = {"branch_criterion": "bs", "branch_schedule": "per_update"}
 # label -> APPOConfig overrides (num_generations comes from the settings unless given here).
@@ -306,7 +309,7 @@ def run_one(variant: str, seed: int, s: Settings, cache_dir: Path, out_path: Pat
     tok = tokenizer()
     state = warm_state(s, cache_dir)
     data = tasks.make_tiny_tasks(s.n_train, s.heldout, seed=0)
-    kw = dict(VARIANTS[variant])
+    kw = {**MEASURED_WITH, **VARIANTS[variant]}
     M = kw.pop("num_generations", s.num_generations)
     args = _common_args(
         out_path.parent / f"_work_{variant}_{seed}", seed, learning_rate=kw.pop("learning_rate", s.learning_rate),

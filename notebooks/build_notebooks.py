@@ -27,11 +27,10 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning)
 sys.path.insert(0, os.path.abspath(".."))  # run from notebooks/ without installing the package
-import logging
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 import torch
+from trl_appo.runtime import set_cpu_threads
 torch.manual_seed(0)
-torch.set_num_threads(2)
+print(set_cpu_threads()[1])  # all cores when idle, fewer on a busy machine; OMP_NUM_THREADS wins
 """
 
 TOY_REWARD = '''\

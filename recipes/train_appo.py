@@ -13,23 +13,23 @@ Every YAML key is a field of `APPOScriptArguments`, `trl_appo.APPOConfig` or `tr
 
 import sys
 
-from trl_appo.scripts import (  # noqa: F401 - re-exported for `import train_appo` users and tests
-    REWARD_FUNCS,
-    TINY_MODEL,
-    TOOLS,
-    APPOScriptArguments,
-    Recipe,
-    RecipeError,
-    build_datasets,
-    build_from_args,
-    build_model,
-    build_reward_funcs,
-    build_tools,
-    make_parser,
-    parse_args,
-)
-from trl_appo.scripts import main as _cli_main
-from trl_appo.scripts import train as main  # returns the trainer, raises RecipeError (as before)
+# The wiring is imported on first use, so that what third-party packages print while TRL is imported is held back
+# with the rest of the setup (one line on bad input; see trl_appo.runtime.held_stderr).
+_EXPORTS = {"REWARD_FUNCS", "TINY_MODEL", "TOOLS", "APPOScriptArguments", "Recipe", "RecipeError", "build_datasets",
+            "build_from_args", "build_model", "build_reward_funcs", "build_tools", "make_parser", "parse_args"}
+
+
+def __getattr__(name):
+    """`import train_appo` users and tests: the names of `trl_appo.scripts`, and `main` = `scripts.train` (returns
+    the trainer, raises RecipeError), as before."""
+    if name == "main" or name in _EXPORTS:
+        from trl_appo import scripts
+
+        return scripts.train if name == "main" else getattr(scripts, name)
+    raise AttributeError(name)
+
 
 if __name__ == "__main__":
-    sys.exit(_cli_main(prog="train_appo.py"))
+    from trl_appo.cli import train_script_main
+
+    sys.exit(train_script_main(prog="train_appo.py"))

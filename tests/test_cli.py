@@ -312,3 +312,129 @@ def test_demo_takes_underscore_flags():
 
     assert _underscore_to_dash(["--output_dir", "x_y", "--no_progress", "--b_lr=1e-4", "--quick"]) == [
         "--output-dir", "x_y", "--no-progress", "--b-lr=1e-4", "--quick"]
+
+
+# ------------------------------------------------------------------------------------------------ issue 17: bad input
+
+
+@pytest.mark.parametrize("content,needles", [
+    ("", ("is empty", "prompt")),
+    ('{"q": "What is 2 * 3?", "a": "6"}\n', ("cannot tell the schema", "['a', 'q']", "dataset_schema")),
+])
+def test_train_empty_or_unreadable_dataset_is_one_line(tmp_path, capsys, content, needles):
+    data = tmp_path / "data.jsonl"
+    data.write_text(content)
+    _bad(["train", "--config", str(DEMO), "--dataset_name", str(data), "--output_dir", str(tmp_path / "out")],
+         capsys, *needles)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_resume_from_missing_checkpoint_fails_before_creating_anything(tmp_path, capsys):
+    out = tmp_path / "out"
+    _bad(["train", "--config", str(DEMO), "--resume_from_checkpoint", str(tmp_path / "nosuch"), "--output_dir",
+          str(out)], capsys, "no such checkpoint folder", "checkpoint-N")
+    assert not out.exists()
+    _bad(["train", "--config", str(DEMO), "--resume_from_checkpoint", "true", "--output_dir", str(out)], capsys,
+         "holds no checkpoint-N folder")
+    assert not out.exists()
+
+
+def test_impossible_generation_batch_names_the_fields_the_user_set(tmp_path, capsys):
+    # TRL would say "generation_batch_size (12) must be divisible by num_generations (16)", a number never set.
+    line = _bad(["train", "--config", str(DEMO), "--per_device_train_batch_size", "12", "--steps_per_generation", "1",
+                 "--output_dir", str(tmp_path / "out")], capsys, "num_generations=16",
+                "per_device_train_batch_size=16", "steps_per_generation=4")
+    assert "generation_batch_size (" not in line
+    from trl_appo.config import APPOConfig
+
+    kw = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", num_generations=16)
+    APPOConfig(per_device_train_batch_size=16, steps_per_generation=1, **kw)  # the values it names do work
+    APPOConfig(per_device_train_batch_size=12, steps_per_generation=4, **kw)
+
+
+@pytest.mark.parametrize("spelling", [["python", "search"], ["python,search"]])
+def test_tools_take_both_spellings_in_train_and_eval(spelling, capsys):
+    from trl_appo import scripts
+    from trl_appo.cli import build_parser
+
+    script_args, _, _ = scripts.parse_args(["--config", str(DEMO), "--tools", *spelling])
+    assert script_args.tools == ["python", "search"]
+    args = build_parser().parse_args(["eval", "--model", "tiny", "--dataset", "task:tool", "--tools", *spelling])
+    assert scripts.split_names(args.tools) == ["python", "search"]
+    # a wrong name, in either spelling, is one line that shows both spellings
+    bad = [s.replace("search", "serch") for s in spelling]
+    _bad(["train", "--config", str(DEMO), "--tools", *bad], capsys, "'serch'", "python search", "python,search")
+    _bad(["eval", "--model", "tiny", "--dataset", "task:tool", "--tools", *bad], capsys, "'serch'",
+         "python search", "python,search")
+
+
+def _noisy(result):
+    """A stand-in for `scripts.prepare` that prints what third-party packages print on import, then returns or
+    raises `result`."""
+
+    def prepare(argv):  # fd-level (C extensions, subprocesses) and Python-level (print, logging's last resort)
+        import os
+
+        os.write(2, b"Skipping publisher trust check for 'kernels-community/x' because Hugging Face Hub is offline.\n")
+        print("Failed to load CPU gemm_4bit_forward from kernels-community", file=sys.stderr)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    return prepare
+
+
+def test_third_party_stderr_never_joins_a_one_line_error(monkeypatch, capfd):
+    from trl_appo import scripts
+
+    monkeypatch.setattr(scripts, "prepare", _noisy(scripts.RecipeError("bad recipe: fix it")))
+    assert main(["train", "--config", str(DEMO)]) == EXIT_BAD_INPUT
+    err = capfd.readouterr().err
+    assert err.splitlines() == ["trl-appo train: error: bad recipe: fix it"], err
+
+
+def test_third_party_stderr_is_passed_on_when_the_input_is_good(monkeypatch, capfd):
+    from trl_appo import scripts
+
+    ran = []
+    monkeypatch.setattr(scripts, "prepare", _noisy(("trainer", "script_args", "training_args")))
+    monkeypatch.setattr(scripts, "run", lambda *a: ran.append(a))
+    assert main(["train", "--config", str(DEMO)]) == 0
+    err = capfd.readouterr().err
+    assert ran == [("trainer", "script_args", "training_args")]
+    for line in ("Skipping publisher trust check", "gemm_4bit_forward"):
+        assert line in err, err
+
+
+def test_demo_bad_flag_is_one_line(capsys):
+    _bad(["demo", "--part", "c"], capsys, "--part", "'a', 'b', 'all'")
+
+
+def test_known_import_noise_loggers_are_quiet_unless_configured():
+    import logging
+
+    import trl_appo  # noqa: F401 - importing the package lowers them
+
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels"):
+        assert logging.getLogger(name).getEffectiveLevel() >= logging.ERROR
+
+
+def test_eval_budget_defaults_to_the_trained_models(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "appo_settings.json").write_text(json.dumps({"max_completion_length": 9, "tool_protocol": "tags"}))
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"prompt": "What is 2 * 3?", "ground_truth": "6"}) + "\n")
+    out = tmp_path / "res.json"
+    assert main(["eval", "--model", str(model), "--dataset", str(data), "--k", "1", "--n", "1", "--output",
+                 str(out)]) == 0
+    assert json.loads(out.read_text())["settings"]["max_completion_length"] == 9
+    assert main(["eval", "--model", str(model), "--dataset", str(data), "--k", "1", "--n", "1", "--output",
+                 str(out), "--max_completion_length", "7"]) == 0  # a value given wins
+    assert json.loads(out.read_text())["settings"]["max_completion_length"] == 7
+    from trl_appo import scripts
+
+    (model / "appo_settings.json").unlink()  # nothing recorded: the documented default
+    assert scripts.trained_max_completion_length(str(model)) is None

@@ -873,6 +873,24 @@ def test_future_kl_hand_case():
     torch.testing.assert_close(out.multiplier, torch.tensor([[math.exp(0.1), 1.0, 0.8]]))
 
 
+def test_future_kl_normalised_is_one_on_policy_and_keeps_relative_weights():
+    # Same δ as the hand case: unnormalised multiplier [1 + e^.1, 2, 2] (b = 1); normalised divides by 1 + b = 2.
+    lo = torch.zeros(1, 3)
+    lc = torch.tensor([[0.1, 0.2, -0.4]])
+    out = future_kl_weights(lc, lo, torch.ones(1, 3), torch.tensor([1.0]), decay=1.0, normalize=True)
+    torch.testing.assert_close(out.multiplier, torch.tensor([[(1 + math.exp(0.1)) / 2, 1.0, 1.0]]))
+    # b = 0.5: (1 + 0.5·e^.1) / 1.5
+    out = future_kl_weights(lc, lo, torch.ones(1, 3), torch.tensor([1.0]), decay=1.0, weight=0.5, normalize=True)
+    torch.testing.assert_close(out.multiplier, torch.tensor([[(1 + 0.5 * math.exp(0.1)) / 1.5, 1.0, 1.0]]))
+    # on-policy (π_θ = π_old): exactly 1 everywhere, i.e. GRPO's scale
+    on_policy = future_kl_weights(lo, lo, torch.ones(1, 3), torch.tensor([-1.0]), normalize=True)
+    assert torch.equal(on_policy.multiplier, torch.ones(1, 3))
+    # fipo's on-policy value is already 1: normalising changes nothing
+    a = future_kl_weights(lc, lo, torch.ones(1, 3), torch.tensor([1.0]), decay=1.0, form="fipo")
+    b = future_kl_weights(lc, lo, torch.ones(1, 3), torch.tensor([1.0]), decay=1.0, form="fipo", normalize=True)
+    torch.testing.assert_close(a.multiplier, b.multiplier)
+
+
 def test_future_kl_hand_case_dual_clip_exclusion_and_safety():
     # δ = [.1, 1.9, .5], ln 3 = 1.0986 → token 1 excluded from the sums (but the discount still counts it)
     # FutureKL: t2 = .5; t1 = 0 + .5·.5 = .25; t0 = .1 + .5·.25 = .225 → f = [1.2, 1.2, 1.2] (all exp > 1.2)

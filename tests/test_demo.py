@@ -147,3 +147,15 @@ def test_sft_warm_start_runs_for_very_few_steps(tiny_tokenizer, tiny_model, step
     ex = [tag_transcript_example(tiny_tokenizer, "What is 3 * 7?\n", "<answer>\\boxed{21}</answer>")]
     hist = sft_warm_start(tiny_model, tiny_tokenizer, ex, steps=steps, batch_size=2, progress=False)
     assert len(hist.loss) == steps
+
+
+def test_learning_curve_shows_both_trainers_held_out_pass_at_1():
+    # Training reward can rank the trainers the other way round from held-out Pass@1: the picture shows both.
+    log = [{"step": i, "reward": 0.1 * i} for i in range(1, 4)]
+    part_b = demo.PartResult("B: tiny", ran=True, log_history=log, baseline_log_history=log,
+                             numbers={"heldout_before": {"pass@1": 0.3}, "heldout_after": {"pass@1": 0.570},
+                                      "heldout_after_grpo": {"pass@1": 0.629}})
+    curves, note = demo.learning_curves({"B": part_b})
+    labels = " | ".join(curves)
+    assert "APPO: held-out Pass@1 0.570" in labels and "GRPO" in labels and "Pass@1 0.629" in labels
+    assert "0.300" in note and "training reward" in note

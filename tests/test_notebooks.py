@@ -60,3 +60,8 @@ def test_notebook_executes(name, tmp_path):
     else:
         assert "degenerate: [True" in stdout and "BS points" in stdout
     assert not list(NOTEBOOKS.glob("*.png")), "notebooks must write their files to a temporary folder"
+
+
+def test_notebooks_pick_threads_from_the_load_instead_of_forcing_two():
+    setup = load_builder().SETUP
+    assert "set_num_threads(2)" not in setup and "set_cpu_threads()" in setup

@@ -91,6 +91,7 @@ def test_recipe_builds_on_cpu(script, path, tmp_path):
     assert (training_args.epsilon, training_args.epsilon_high, training_args.delta) == (0.2, 0.28, 3.0)
     assert training_args.future_kl_decay == 64 and training_args.future_kl_clip == 0.2
     assert training_args.future_kl_weight == 1.0 and training_args.reward_scale_discount == 0.9
+    assert training_args.future_kl_normalize is False  # the paper's unnormalised weight
     assert training_args.branch_schedule == "per_update" and training_args.tool_protocol == "tags"
     if path in GPU_YAMLS:
         steps = training_args.steps_per_generation // training_args.gradient_accumulation_steps
@@ -109,8 +110,8 @@ def test_recipe_builds_on_cpu(script, path, tmp_path):
     assert (recipe.quantization_config is not None) == bool(config.get("load_in_4bit"))
     if recipe.quantization_config is not None:
         assert recipe.quantization_config.bnb_4bit_quant_type == "nf4"
-    if path.parent.name == "cpu":
-        assert not isinstance(recipe.model, str) and recipe.processing_class is not None
+    if path.parent.name == "cpu":  # the warm-started tiny model is made (once, cached) when the trainer is built
+        assert recipe.model == "tiny_warm" and recipe.processing_class is not None
     else:
         assert recipe.model == config["model_name_or_path"]  # loaded by the trainer, never here
         assert training_args.model_init_kwargs["dtype"] == "bfloat16"
@@ -125,7 +126,7 @@ def test_command_line_overrides_the_yaml(script, tmp_path):
                                  "--per_device_train_batch_size", "8", "--tools", "python", "search",
                                  "--output_dir", str(tmp_path)])
     assert a.learning_rate == 3e-4 and (a.num_roots, a.num_branches) == (4, 1)
-    assert s.tools == ["python", "search"] and m.model_name_or_path == "tiny"
+    assert s.tools == ["python", "search"] and m.model_name_or_path == "tiny_warm"
 
 
 def test_baseline_and_ablation_overrides_from_docs(script, tmp_path):
@@ -169,15 +170,40 @@ def test_accelerate_config_loads(path):
 def test_cpu_demo_trains_end_to_end(script, tmp_path):
     from trl_appo.viz import load_branch_trees, load_log_history
 
+    # the random `tiny` model: the pipeline in seconds (the recipe's warm start is the slow test below)
     trainer = script.main(["--config", str(RECIPES / "cpu" / "demo.yaml"), "--max_steps", "1",
-                           "--output_dir", str(tmp_path)])
+                           "--model_name_or_path", "tiny", "--output_dir", str(tmp_path)])
     assert trainer.state.global_step == 1
     assert (tmp_path / "model.safetensors").exists()
+    import json
+
+    saved = json.loads((tmp_path / "appo_settings.json").read_text())  # what `trl-appo eval` defaults to
+    assert saved["max_completion_length"] == 48 and saved["tool_protocol"] == "tags"
     history = load_log_history(tmp_path)  # trainer_state.json written by the script
     assert any("appo/branch_points_per_root" in e for e in history)
     records = load_branch_trees(tmp_path)
     assert records and all(len(r["branches"]) == 3 for r in records)  # B=3 per root
     assert len(records) == 4  # the N=4 roots of the step's prompt
+
+
+def test_cpu_recipe_starts_from_the_warm_started_model(script, tmp_path):
+    # build_from_args stays light: the warm start (SFT, then cached) happens when the trainer is built
+    from trl_appo.scripts import TINY_WARM_MODEL
+
+    s, a, m = script.parse_args(["--config", str(RECIPES / "cpu" / "demo.yaml"), "--output_dir", str(tmp_path)])
+    assert m.model_name_or_path == TINY_WARM_MODEL
+    recipe = script.build_from_args(s, a, m, with_data=False, with_tools=False)
+    assert recipe.model == TINY_WARM_MODEL and recipe.processing_class is not None
+
+
+@pytest.mark.slow
+def test_cpu_recipe_log_shows_rewards_and_gradients_move(script, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRL_APPO_CACHE", str(tmp_path / "cache"))  # the SFT warm start runs here (~1 min)
+    trainer = script.main(["--config", str(RECIPES / "cpu" / "demo.yaml"), "--output_dir", str(tmp_path / "out")])
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert any(e["loss"] != 0 for e in logs) and any(e["grad_norm"] > 0 for e in logs)
+    rewards = [e["reward"] for e in logs if "reward" in e]
+    assert any(r > -1 for r in rewards), rewards  # not the format penalty everywhere, as with a random model
 
 
 # ------------------------------------------------------------------------------------------------ one wiring, shipped

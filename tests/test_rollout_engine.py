@@ -154,7 +154,7 @@ def test_chat_template_multi_turn_matches_the_template(tok):
         tool_msg,
         {"role": "assistant", "content": "The answer is 7."},
     ]
-    # The eos trap (OFFLINE.md): rendering the whole conversation gives the same ids (up to the final newline).
+    # The eos trap (trl_appo.testing): rendering the whole conversation gives the same ids (up to the final newline).
     full = tok.apply_chat_template(messages + r.messages, tools=engine.tools.schemas(), tokenize=True,
                                    return_dict=False)
     assert full[: len(prompt_ids) + len(r.completion_ids)] == prompt_ids + r.completion_ids

@@ -156,6 +156,46 @@ def test_criterion_none_reproduces_grpo_advantages(tiny_tokenizer, tmp_path):
         torch.testing.assert_close(appo_weights[name], w, rtol=0, atol=0, msg=name)
 
 
+def add_numbers(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: The first integer.
+        b: The second integer.
+    """
+    return a + b
+
+
+def test_swapped_grpo_script_logs_trl_metrics_on_the_same_steps(tiny_tokenizer, tmp_path):
+    # A plain GRPO script (tools included), then the same script with the two classes swapped: TRL's own metrics
+    # (reward, completions/*, tools/*, num_tokens, ...) appear on the same optimizer steps, and on-policy the
+    # future-KL weight keeps GRPO's advantage scale (exactly 1).
+    from trl import GRPOConfig, GRPOTrainer
+
+    from trl_appo.testing import build_tiny_model
+    from trl_appo.trainer import APPOTrainer
+
+    common = dict(bf16=False, use_cpu=True, report_to="none", save_strategy="no", per_device_train_batch_size=8,
+                  num_generations=4, max_completion_length=24, max_steps=3, logging_steps=1, seed=0,
+                  learning_rate=5e-4, max_tool_calling_iterations=2)
+    ds = Dataset.from_dict({"prompt": conversational_prompts(QUESTIONS * 4)})
+    logged = []
+    for trainer_cls, config_cls in ((GRPOTrainer, GRPOConfig), (APPOTrainer, APPOConfig)):
+        args = config_cls(output_dir=str(tmp_path / config_cls.__name__), **common)
+        trainer = trainer_cls(model=build_tiny_model(tiny_tokenizer), reward_funcs=length_reward, args=args,
+                              train_dataset=ds, processing_class=tiny_tokenizer, tools=[add_numbers])
+        trainer.train()
+        logged.append({e["step"]: e for e in trainer.state.log_history if "loss" in e})
+    grpo, appo = logged
+    assert sorted(grpo) == sorted(appo) == [1, 2, 3]
+    for step in grpo:
+        trl_keys = {k for k in appo[step] if not k.startswith("appo/")}
+        assert trl_keys == set(grpo[step]), (step, trl_keys ^ set(grpo[step]))
+        assert "reward" in appo[step] and "num_tokens" in appo[step]
+        assert appo[step]["appo/future_kl_weight_mean"] == 1.0  # on-policy: GRPO's scale, not doubled
+    assert appo[1]["appo/branch_points_per_root"] > 0  # and it really branched
+
+
 def test_per_update_branches_each_optimizer_step_with_moving_policy(tiny_model, tiny_tokenizer, tmp_path):
     args = make_args(tmp_path, branch_schedule="per_update", steps_per_generation=4, gradient_accumulation_steps=1,
                      per_device_train_batch_size=8, max_steps=4, learning_rate=5e-3)
@@ -381,6 +421,8 @@ def test_qlora_trains_4bit_model_with_adapters(tiny_tokenizer, tmp_path):
         dict(num_generations=16, per_device_train_batch_size=16, generation_batch_size=32),
         dict(num_generations=8, per_device_train_batch_size=4, gradient_accumulation_steps=4),
         dict(num_generations=8, per_device_train_batch_size=8, steps_per_generation=3),
+        dict(num_generations=4, per_device_train_batch_size=6, steps_per_generation=2, max_completion_length=8),
+        dict(num_generations=3, per_device_train_batch_size=3),  # M = 3: no split, GRPO's generation batch
     ],
     ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "trl-defaults",
 )
@@ -391,7 +433,7 @@ def test_every_grpo_config_shape_trains_one_step(tiny_model, tiny_tokenizer, tmp
                 max_steps=1, max_completion_length=24, min_branch_tokens=4, learning_rate=1e-3, logging_steps=1)
     with _w.catch_warnings():
         _w.simplefilter("ignore")
-        args = APPOConfig(**base, **shape)
+        args = APPOConfig(**{**base, **shape})
     trainer = make_trainer(tiny_model, tiny_tokenizer, args)
     trainer.train()
     assert trainer.state.global_step == 1

@@ -6,6 +6,10 @@ transformers) happen on first attribute access so `trl_appo.core` and the tools 
 
 __version__ = "0.1.0"
 
+from trl_appo.runtime import quiet_known_noise as _quiet_known_noise
+
+_quiet_known_noise()  # two third-party import-time messages nobody can act on (trl_appo.runtime says which)
+
 _LAZY = {
     "APPOConfig": "trl_appo.config",
     "APPOTrainer": "trl_appo.trainer",

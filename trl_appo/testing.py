@@ -1,6 +1,7 @@
 """Tiny offline tokenizers and causal LMs, built in code (no hub, no downloads).
 
-Used by the test suite, the notebooks and the CPU demo. Two traps this module avoids (see OFFLINE.md):
+Used by the test suite, the notebooks and the CPU demo. Two traps this module avoids (both found while building
+the offline fixtures):
 
 * The BPE is trained with exactly Qwen2's normaliser and pre-tokeniser (NFC + Qwen's split regex + ByteLevel
   without regex). A tokenizer trained with a plain ByteLevel pre-tokeniser tokenises *differently* after an

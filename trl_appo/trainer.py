@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import warnings
 from collections import defaultdict
@@ -52,6 +53,9 @@ from .rollout.build import build_engine, completions_for_rewards, executed_tool_
 from .step_metrics import rollout_metrics
 
 logger = logging.get_logger(__name__)
+
+APPO_SETTINGS_FILE = "appo_settings.json"
+"""Written next to saved weights by `APPOTrainer._save`; read by `trl-appo eval` for its defaults."""
 
 TESTED_TRL = (Version("1.16.0"), Version("1.17.0"))  # [low, high)
 _APPO_STATE_FILE = "appo_state.pt"
@@ -605,7 +609,6 @@ class APPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ loss (spec §4)
     def _compute_loss(self, model, inputs):
-        args = self.args
         advantages = inputs["advantages"]
         settings = self.appo_settings
         if not settings.future_kl:
@@ -687,6 +690,15 @@ class APPOTrainer(GRPOTrainer):
         params = sum(p.numel() for p in model.parameters())
         kind = getattr(config, "model_type", type(model).__name__)
         return f"a `{kind}` model passed as an object ({type(model).__name__}, {params:,} parameters, no hub id)"
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """TRL's save, plus `appo_settings.json` beside the weights: the rollout settings the model was trained with,
+        which `trl-appo eval` uses as its defaults (e.g. max_completion_length)."""
+        super()._save(output_dir, state_dict=state_dict)
+        a = self.args
+        settings = {"max_completion_length": a.max_completion_length, "tool_protocol": a.tool_protocol,
+                    "max_tool_calls": a.max_tool_calls, "temperature": a.temperature}
+        Path(output_dir or a.output_dir, APPO_SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n")
 
     def create_model_card(self, *args, **kwargs):
         super().create_model_card(*args, **kwargs)

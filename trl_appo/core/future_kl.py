@@ -64,14 +64,17 @@ def future_kl_weights(
     dual_clip_c: float | None = 3.0,
     form: str = "appo",
     log_ratio_clamp: float = 20.0,
+    normalize: bool = False,
 ) -> FutureKLWeights:
     """Future-aware advantage multiplier, docs/algorithm.md §4.
 
     δ_k = clamp(logp_current_k − logp_old_k, ±log_ratio_clamp); tokens with δ_k > ln c (c = ``dual_clip_c``) are
     left out of the sum (None: none left out); FutureKL_t = Σ_{k≥t} γ_F^{k−t} m_k δ_k with γ_F = 2^(−1/decay);
     f_t = clip(exp(FutureKL_t), 1 if ``clip_high_only`` else 1 − ε_f, 1 + ε_f); where A_t < 0 and exp(δ_t) >
-    ``safety_thresh``, f_t is capped at 1; multiplier = 1 + b·f ("appo") or f ("fipo"). With the defaults
-    (b = 1, f ≥ 1) every advantage is at least doubled relative to plain PPO, as in the paper.
+    ``safety_thresh``, f_t is capped at 1; multiplier = 1 + b·f ("appo") or f ("fipo"). Unnormalised (the paper),
+    with b = 1 and f ≥ 1 every advantage is at least doubled relative to plain PPO; ``normalize=True`` divides the
+    multiplier by its on-policy value form(f = 1) (1 + b for "appo"), so it is exactly 1 when π_θ = π_old and the
+    relative weights of off-policy tokens are unchanged.
 
     Args:
         logp_current: (B, T) floating log π_θ (gradients are not propagated: everything here is detached).
@@ -126,5 +129,8 @@ def future_kl_weights(
         unsafe = (adv < 0) & (delta.exp() > safety_thresh)
         f = torch.where(unsafe, f.clamp(max=1.0), f)
         f = torch.where(on, f, zero)
-        multiplier = torch.where(on, form_fn(f, weight), torch.ones((), dtype=dtype, device=f.device))
+        mult = form_fn(f, weight)
+        if normalize:
+            mult = mult / form_fn(torch.ones((), dtype=dtype, device=f.device), weight)
+        multiplier = torch.where(on, mult, torch.ones((), dtype=dtype, device=f.device))
     return FutureKLWeights(multiplier, f, future_kl)

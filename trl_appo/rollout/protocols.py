@@ -284,7 +284,7 @@ class ChatTemplateProtocol(ToolProtocol):
 
     Needs a tokenizer whose chat template renders tool calls and tool messages and which has a response
     parser (`response_template`; TRL's `add_response_schema` sets one for templates it knows). The turn ends at
-    the eos token, which must be the end-of-turn token (`<|im_end|>` for ChatML; OFFLINE.md's eos trap).
+    the eos token, which must be the end-of-turn token (`<|im_end|>` for ChatML; trl_appo.testing describes the eos trap).
 
     Args:
         tokenizer: the tool-aware tokenizer.

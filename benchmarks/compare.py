@@ -739,7 +739,7 @@ def main(argv=None) -> int:
     if a.cost_criteria:
         unknown = set(a.cost_criteria.split(",")) - set(CRITERIA)
         if unknown:
-            p.error(f"unknown cost criteria {sorted(unknown)}; choose from {sorted(CRITERIA)}")
+            raise SystemExit(f"unknown cost criteria {sorted(unknown)}; choose from {list(CRITERIA)}")
         s.cost_criteria = tuple(dict.fromkeys(("grpo", *a.cost_criteria.split(","))))
     if a.learn_criteria:
         unknown = set(a.learn_criteria.split(",")) - set(CRITERIA)

@@ -643,8 +643,8 @@ def token_budget_split(num_generations: int, per_device_train_batch_size: int,
                        expected_branch_cost: float) -> tuple[int, int]:
     """(N, B) for a budget of M full rollouts' worth of decoded tokens (rollout_budget='tokens'): the first B of
     `TOKEN_BUDGET_BRANCH_PREFERENCE` with N = round(M / (1 + B·c)), 2 <= N < M, a planned cost N·(1 + B·c) within
-    `TOKEN_BUDGET_TOLERANCE` of M, no fewer leaves N·(1+B) than M, and whole roots per micro-batch (per_device_train_batch_size·N divisible by M);
-    (M, 0), no branching, when none fits."""
+    `TOKEN_BUDGET_TOLERANCE` of M, no fewer leaves N·(1+B) than M, and whole roots per micro-batch
+    (per_device_train_batch_size·N divisible by M); (M, 0), no branching, when none fits."""
     M, bs, c = num_generations, per_device_train_batch_size, expected_branch_cost
     for b in TOKEN_BUDGET_BRANCH_PREFERENCE:
         n = round(M / (1 + b * c))

@@ -50,8 +50,9 @@ class APPOConfig(GRPOConfig):
     num_generations: int | None = field(
         default=8,
         metadata={
-            "help": "APPO budget M: rollouts per prompt, roots plus branches (M = N·(1+B)). TRL's default 8; the "
-            "paper uses 16."
+            "help": "APPO budget M: rollouts per prompt, roots plus branches (M = N·(1+B)), or with "
+            "rollout_budget='tokens' M full rollouts' worth of decoded model tokens (docs/algorithm.md §9). TRL's "
+            "default 8; the paper uses 16."
         },
     )
     epsilon_high: float | None = field(

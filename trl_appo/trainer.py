@@ -450,9 +450,12 @@ class APPOTrainer(GRPOTrainer):
         for i, part in enumerate(parts):
             self._step = step  # TRL counts micro-batches (its buffer index): this one once, however it is split
             logged = len(times)
-            loss = super().training_step(model, PreparedBatch(part), num_items_in_batch)
+            last = i == len(parts) - 1
+            # Gradients are reduced across ranks once, on the micro-batch's last backward (a no-op on one process).
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                loss = super().training_step(model, PreparedBatch(part), num_items_in_batch)
             total = loss if total is None else total + loss
-            if i < len(parts) - 1 and len(times) > logged:  # the optimizer step's time is logged once, at its end
+            if not last and len(times) > logged:  # the optimizer step's time is logged once, at its end
                 self._current_train_step_time = times.pop()
         return total
 

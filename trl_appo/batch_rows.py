@@ -104,3 +104,38 @@ def loss_tokens(batch: dict[str, Any]) -> torch.Tensor:
     if batch.get("tool_mask") is not None:
         mask = mask * batch["tool_mask"]
     return mask.sum()
+
+
+ROW_MEAN_LOSSES = ("grpo", "sapo", "dr_grpo", "luspo")
+"""TRL loss types normalised by the micro-batch's rows (a mean over sequences, or rows × max_completion_length)."""
+TOKEN_MEAN_LOSSES = ("bnpo",)
+"""TRL loss types normalised by the micro-batch's loss tokens."""
+ITEM_COUNT_LOSSES = ("dapo", "cispo", "vespo")
+"""TRL loss types normalised by `num_items_in_batch` (the generation batch's loss tokens): no rescaling needed."""
+
+
+def loss_sub_batches(batch: dict[str, Any], max_rows: int, loss_type: str) -> list[dict[str, Any]]:
+    """Split a loss micro-batch into contiguous sub-batches of at most `max_rows` rows, each with the 0-d column
+    ``appo_loss_scale``: the factor that makes the sum of the sub-batches' TRL losses (and gradients) equal the
+    whole micro-batch's, for TRL's `loss_type` normaliser (its share of the rows for row means, of the loss tokens
+    for ``bnpo``, 1 for the ``num_items_in_batch`` losses). A batch of at most `max_rows` rows comes back whole,
+    without the column."""
+    n = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim > 0)
+    if n <= max_rows:
+        return [batch]
+    if loss_type not in (*ROW_MEAN_LOSSES, *TOKEN_MEAN_LOSSES, *ITEM_COUNT_LOSSES):
+        raise ValueError(f"loss_type={loss_type!r}: no known normaliser to split a micro-batch of {n} rows into "
+                         f"forwards of at most {max_rows}; use rollout_budget='rollouts'.")
+    total_tokens = loss_tokens(batch).float().clamp(min=1.0)
+    parts = []
+    for index in torch.arange(n).tensor_split(-(-n // max_rows)):
+        part = take_rows(batch, index)
+        if loss_type in ROW_MEAN_LOSSES:
+            scale = torch.tensor(len(index) / n)
+        elif loss_type in TOKEN_MEAN_LOSSES:
+            scale = loss_tokens(part).float().cpu() / total_tokens.cpu()
+        else:
+            scale = torch.tensor(1.0)
+        part["appo_loss_scale"] = scale.to(batch["completion_mask"].device)
+        parts.append(part)
+    return parts

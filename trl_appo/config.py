@@ -4,6 +4,10 @@ Budget: `num_generations` is APPO's M rollouts per prompt, split into N roots (`
 (`num_branches` = B per root), M = N·(1+B). `per_device_train_batch_size` counts rollout slots (roots and branches):
 with `branch_loss="suffix"` (default) a micro-batch trains on that many rows, roots and branches, as GRPO does;
 with the paper's `"none"` only its `per_device_train_batch_size · N / M` root rows.
+With `rollout_budget="tokens"` (docs/algorithm.md §9) M is instead a budget of M full rollouts' worth of decoded
+model tokens per prompt, spent on N roots and N·B branches (N·(1 + B·c) ≈ M, c = `expected_branch_cost`), every
+leaf trained: a micro-batch then holds `per_device_train_batch_size · N(1+B) / M` rows, trained in forwards of at
+most `per_device_train_batch_size` rows.
 
 Any valid GRPOConfig shape is a valid APPOConfig shape, and a pure swap (GRPOConfig -> APPOConfig, same kwargs)
 keeps every GRPOConfig default: `APPOConfig(**kw)` equals `APPOConfig.from_grpo(GRPOConfig(**kw))`. Only APPO's own
@@ -30,6 +34,7 @@ OMEGA_REFERENCES = ("behaviour", "reference")
 TOOL_PROTOCOLS = ("tags", "chat")
 BRANCH_LOSSES = ("none", "suffix")
 BRANCH_POINT_TOKENS = ("keep", "resample")
+ROLLOUT_BUDGETS = ("rollouts", "tokens")
 
 
 @dataclass
@@ -45,8 +50,9 @@ class APPOConfig(GRPOConfig):
     num_generations: int | None = field(
         default=8,
         metadata={
-            "help": "APPO budget M: rollouts per prompt, roots plus branches (M = N·(1+B)). TRL's default 8; the "
-            "paper uses 16."
+            "help": "APPO budget M: rollouts per prompt, roots plus branches (M = N·(1+B)), or with "
+            "rollout_budget='tokens' M full rollouts' worth of decoded model tokens (docs/algorithm.md §9). TRL's "
+            "default 8; the paper uses 16."
         },
     )
     epsilon_high: float | None = field(
@@ -77,6 +83,27 @@ class APPOConfig(GRPOConfig):
             "help": "B, branch points per root (paper §3.1). Default: `default_split(M, per_device_train_batch_size)` "
             "(docs/config.md: the first B in DEFAULT_BRANCH_PREFERENCE that leaves N >= 2 whole roots per "
             "micro-batch; 0, i.e. no branching, with a warning when none does). 0 with branch_criterion='none'."
+        },
+    )
+    rollout_budget: str = field(
+        default="rollouts",
+        metadata={
+            "help": "What num_generations M buys (docs/algorithm.md §9, budget-matched trees). 'rollouts' (default): "
+            "M rollouts per prompt, roots plus branches, M = N·(1+B). 'tokens': M full rollouts' worth of decoded "
+            "model tokens per prompt; a root costs its model tokens, a branch only those after its point (about "
+            "c = expected_branch_cost of a root), so N roots and N·B branches with N·(1 + B·c) ≈ M are generated "
+            "and every leaf is trained (needs branch_loss='suffix'): a step trains N·(1+B) > M rows per prompt "
+            "with GRPO's prompts per step and about its decoded tokens at M. Default split: B = 2, N = M/2 "
+            "(1.5·M leaves at c = 0.5). Forwards never exceed per_device_train_batch_size rows."
+        },
+    )
+    expected_branch_cost: float = field(
+        default=0.5,
+        metadata={
+            "help": "c, the decoded model tokens of a branch as a fraction of a root's, used by "
+            "rollout_budget='tokens' to fit N·(1 + B·c) = M (docs/algorithm.md §9). 0.5 = branch points spread "
+            "uniformly; the project's learning benchmark measured 0.45-0.57. Compare with the logged "
+            "`appo/branch_cost_fraction` and `appo/rollout_budget_spent`."
         },
     )
     branch_criterion: str = field(
@@ -354,6 +381,7 @@ class APPOConfig(GRPOConfig):
         check_choice("branch_loss", self.branch_loss, BRANCH_LOSSES)
         check_choice("branch_point_token", self.branch_point_token, BRANCH_POINT_TOKENS)
         check_choice("branch_advantage", self.branch_advantage, tuple(core.BRANCH_ADVANTAGES))
+        check_choice("rollout_budget", self.rollout_budget, ROLLOUT_BUDGETS)
 
         self._check_scalars()
         M = self.num_generations
@@ -369,6 +397,8 @@ class APPOConfig(GRPOConfig):
                     "branch_criterion='none' does not branch; unset branch_selection / branch_min_distance."
                 )
             self.num_branches, self.num_roots = 0, M
+        elif self.rollout_budget == "tokens":
+            self._split_token_budget()
         else:
             if self.num_branches is None and self.num_roots is None:
                 self.num_roots, self.num_branches = default_split(M, self.per_device_train_batch_size)
@@ -508,6 +538,62 @@ class APPOConfig(GRPOConfig):
         """Whether APPO branches at all (a criterion other than 'none' and B >= 1)."""
         return self.branch_criterion != core.NO_BRANCHING and self.num_branches != 0
 
+    def _split_token_budget(self) -> None:
+        """N and B under rollout_budget='tokens' (docs/algorithm.md §9): N·(1 + B·c) ≈ M, every leaf trained."""
+        M, c, bs = self.num_generations, self.expected_branch_cost, self.per_device_train_batch_size
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1:
+            raise ValueError(f"expected_branch_cost (c) must be in (0, 1], got {c!r}; 0.5 = points spread uniformly.")
+        if self.branch_loss != "suffix":
+            raise ValueError(
+                "rollout_budget='tokens' spends the budget of M rollouts on more than M leaves, which only helps if "
+                f"every leaf is trained, but branch_loss={self.branch_loss!r}: set branch_loss='suffix' (the "
+                "default) or rollout_budget='rollouts'."
+            )
+        N, B = self.num_roots, self.num_branches
+        if N is None and B is None:
+            N, B = token_budget_split(M, bs, c)
+            need = self.min_branch_tokens + 2
+            if B == 0:
+                self.appo_notes.append(
+                    f"rollout_budget='tokens': num_generations={M} with per_device_train_batch_size={bs} leaves no "
+                    "split into N >= 2 roots with B >= 1 branches each (per_device_train_batch_size·N/M whole): APPO "
+                    "runs without branching (GRPO). Use an even num_generations >= 4 and an even batch size."
+                )
+            elif self.max_completion_length is not None and self.max_completion_length < need:
+                N, B = M, 0
+                self.appo_notes.append(
+                    f"max_completion_length={self.max_completion_length} leaves no room to branch (a branch point "
+                    f"needs min_branch_tokens={self.min_branch_tokens} tokens after it): APPO runs without "
+                    f"branching (GRPO). Set max_completion_length >= {need} or lower min_branch_tokens to branch."
+                )
+        elif N is None:
+            if B < 1:
+                raise ValueError(f"num_branches must be >= 1 when branching (got {B}).")
+            N = round(M / (1 + B * c))
+        elif B is None:
+            B = round((M / N - 1) / c) if N < M else 0
+            if B < 1:
+                raise ValueError(
+                    f"rollout_budget='tokens': num_roots={N} roots cost about {N} of the M={M} rollouts' budget and "
+                    f"leave none for branches (c={c}); set num_roots <= {int(M / (1 + c))}."
+                )
+        if B and N < 2:
+            raise ValueError(
+                f"num_roots (N={N}) must be >= 2: root advantages are normalised within the N roots of a prompt. "
+                "Increase num_generations or decrease num_branches."
+            )
+        if B and N > M:
+            raise ValueError(f"rollout_budget='tokens': num_roots={N} roots alone exceed the budget of M={M}; "
+                             f"set num_roots < {M}.")
+        self.num_roots, self.num_branches = N, B
+        if B:
+            rows = bs * N * (1 + B) / M
+            self.appo_notes.append(
+                f"rollout_budget='tokens': M={M} rollouts' worth of decoded tokens per prompt = N={N} roots + "
+                f"N·B={N * B} branches (planned {N * (1 + B * c):g} rollouts' worth at expected_branch_cost={c:g}); "
+                f"{N * (1 + B)} leaves trained per prompt; micro-batches of {rows:g} rows, forwards of at most {bs}."
+            )
+
     def _check_scalars(self) -> None:
         """Numbers TRL accepts silently but that cannot train."""
         lr = self.learning_rate
@@ -544,3 +630,26 @@ def default_split(num_generations: int, per_device_train_batch_size: int) -> tup
         if num_generations % (1 + b) == 0 and num_generations // (1 + b) >= 2 and per_device_train_batch_size % (1 + b) == 0:
             return num_generations // (1 + b), b
     return num_generations, 0
+
+
+TOKEN_BUDGET_BRANCH_PREFERENCE = (2, 1, 3)
+"""B values tried in order by `token_budget_split` (rollout_budget='tokens'): B = 2 at c = 0.5 gives N = M/2 and
+1.5·M leaves, the ratio Tree-GRPO reports (docs/algorithm.md §9)."""
+
+TOKEN_BUDGET_TOLERANCE = 0.1
+"""How far (a fraction of M) the planned cost N·(1 + B·c) of `token_budget_split`'s split may be from M."""
+
+
+def token_budget_split(num_generations: int, per_device_train_batch_size: int,
+                       expected_branch_cost: float) -> tuple[int, int]:
+    """(N, B) for a budget of M full rollouts' worth of decoded tokens (rollout_budget='tokens'): the first B of
+    `TOKEN_BUDGET_BRANCH_PREFERENCE` with N = round(M / (1 + B·c)), 2 <= N < M, a planned cost N·(1 + B·c) within
+    `TOKEN_BUDGET_TOLERANCE` of M, no fewer leaves N·(1+B) than M, and whole roots per micro-batch
+    (per_device_train_batch_size·N divisible by M); (M, 0), no branching, when none fits."""
+    M, bs, c = num_generations, per_device_train_batch_size, expected_branch_cost
+    for b in TOKEN_BUDGET_BRANCH_PREFERENCE:
+        n = round(M / (1 + b * c))
+        close = abs(n * (1 + b * c) - M) <= TOKEN_BUDGET_TOLERANCE * M + 1e-9
+        if 2 <= n < M and close and n * (1 + b) >= M and (bs * n) % M == 0:
+            return n, b
+    return M, 0

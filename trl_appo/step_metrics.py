@@ -108,3 +108,33 @@ def step_metrics(*, view, scores, points, branches, branch_rewards, root_rewards
     for name, secs in zip(("score", "generate", "reward"), timings, strict=True):
         out[f"appo/seconds_{name}_branches"] = secs
     return out
+
+
+def budget_metrics(roots: dict, branches: Sequence, *, trained_branches: bool, num_roots: int, gather: Gather,
+                   device) -> dict[str, float]:
+    """What the step's trees cost and train (docs/algorithm.md §9, budget-matched trees), over all ranks.
+
+    ``appo/leaves_per_prompt``: rows trained per prompt (roots, plus branches when they are loss rows).
+    ``appo/branch_cost_fraction``: decoded model tokens of a branch over a root's (means), the measured c of
+    `expected_branch_cost`. ``appo/rollout_budget_spent``: decoded model tokens per prompt in full rollouts' worth
+    (mean root tokens), M when rollout_budget='tokens' plans right.
+
+    Args:
+        roots: the step's batch of root rows (TRL's batch dict). branches: this rank's branch rollouts.
+        trained_branches: the branches are loss rows. num_roots: N.
+    """
+    mask = roots["completion_mask"] * roots["tool_mask"] if roots.get("tool_mask") is not None else (
+        roots["completion_mask"])
+    local = torch.tensor([float(mask.shape[0]), float(mask.sum()), float(len(branches)),
+                          float(sum(sum(b.model_mask[b.prefix_length:]) for b in branches))], device=device)
+    n_roots, root_tokens, n_branches, branch_tokens = gather(local.unsqueeze(0)).sum(dim=0).tolist()
+    if n_roots == 0:
+        return {}
+    prompts = n_roots / num_roots
+    per_root = root_tokens / n_roots
+    out = {"appo/leaves_per_prompt": (n_roots + (n_branches if trained_branches else 0)) / prompts}
+    if per_root > 0:
+        out["appo/rollout_budget_spent"] = (root_tokens + branch_tokens) / per_root / prompts
+        if n_branches:
+            out["appo/branch_cost_fraction"] = branch_tokens / n_branches / per_root
+    return out

@@ -50,7 +50,7 @@ from . import batch_rows, branching, core, records
 from .branching import StepOutput, StepSettings
 from .config import APPOConfig
 from .rollout.build import build_engine, completions_for_rewards, executed_tool_calls
-from .step_metrics import rollout_metrics
+from .step_metrics import budget_metrics, rollout_metrics
 
 logger = logging.get_logger(__name__)
 
@@ -94,6 +94,14 @@ class HookHandoff:
 
     def take(self, key: str) -> Any:
         return self._values.pop(key, None)
+
+
+class PreparedBatch:
+    """A loss micro-batch `APPOTrainer.training_step` already took from the generation buffer: `_prepare_inputs`
+    returns its rows as they are (one of the sub-batches of an oversize micro-batch, rollout_budget='tokens')."""
+
+    def __init__(self, rows: dict[str, Any]):
+        self.rows = rows
 
 
 class TrainerPort:
@@ -244,6 +252,14 @@ class APPOTrainer(GRPOTrainer):
                     "beta > 0 (loads a reference model) or train a PEFT adapter (reference = adapters disabled)."
                 )
         self.appo_settings = StepSettings.from_config(args)  # APPO's options, read once
+        # rollout_budget='tokens' trains N·(1+B) > M rows per prompt: micro-batches hold more than
+        # per_device_train_batch_size rows and `training_step` splits them into forwards of at most that many.
+        self._appo_split_micro_batches = args.rollout_budget == "tokens" and args.branching
+        if self._appo_split_micro_batches and self.is_deepspeed_enabled:
+            raise ValueError(
+                "rollout_budget='tokens' trains a micro-batch in several backward passes, which DeepSpeed's own "
+                "gradient accumulation counts as micro-steps: use rollout_budget='rollouts' with DeepSpeed."
+            )
         self._appo_port = TrainerPort(self)
         self._appo_engine = self._build_engine()
         for note in args.appo_notes:  # defaults APPO chose for this config, said once
@@ -417,7 +433,35 @@ class APPOTrainer(GRPOTrainer):
                     batch_rows.loss_tokens(step.branch_rows).reshape(1)).sum()
         return out
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """TRL's training step; under rollout_budget='tokens' a micro-batch of more than per_device_train_batch_size
+        rows is trained as sub-batches of at most that many, each through `super().training_step`, its loss scaled
+        (`batch_rows.loss_sub_batches`, the ``appo_loss_scale`` column) so the summed gradient is the whole
+        micro-batch's for every TRL loss_type."""
+        if not self._appo_split_micro_batches:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()  # as TRL's step does before `_prepare_inputs`, which reads the mode
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        parts = batch_rows.loss_sub_batches(self._prepare_inputs(inputs), self.args.per_device_train_batch_size,
+                                            self.loss_type)
+        step, times = self._step, self._metrics["train"]["step_time"]
+        total = None
+        for i, part in enumerate(parts):
+            self._step = step  # TRL counts micro-batches (its buffer index): this one once, however it is split
+            logged = len(times)
+            last = i == len(parts) - 1
+            # Gradients are reduced across ranks once, on the micro-batch's last backward (a no-op on one process).
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                loss = super().training_step(model, PreparedBatch(part), num_items_in_batch)
+            total = loss if total is None else total + loss
+            if not last and len(times) > logged:  # the optimizer step's time is logged once, at its end
+                self._current_train_step_time = times.pop()
+        return total
+
     def _prepare_inputs(self, generation_batch):
+        if isinstance(generation_batch, PreparedBatch):
+            return generation_batch.rows
         args = self.args
         if not (self.model.training and self._branching and args.branch_schedule == "per_update"):
             return super()._prepare_inputs(generation_batch)
@@ -478,7 +522,10 @@ class APPOTrainer(GRPOTrainer):
         step = branching.branch_and_credit(batch, self._appo_port, self.appo_settings, for_loss=for_loss,
                                            want_records=want)
         report = step.report
-        for name, value in report.metrics.items():
+        metrics = {**report.metrics, **budget_metrics(
+            batch, report.branches, trained_branches=step.branch_rows is not None, num_roots=args.num_roots,
+            gather=self.accelerator.gather, device=self.accelerator.device)}
+        for name, value in metrics.items():
             self._metrics[mode][name].append(value)
         self._log_rollout_metrics(report.branches, mode, prefix="appo/branch")
         if self.log_completions:
@@ -609,6 +656,11 @@ class APPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ loss (spec §4)
     def _compute_loss(self, model, inputs):
+        loss = self._future_aware_loss(model, inputs)
+        scale = inputs.get("appo_loss_scale")  # a sub-batch's share of its micro-batch (`training_step`)
+        return loss if scale is None else loss * scale
+
+    def _future_aware_loss(self, model, inputs):
         advantages = inputs["advantages"]
         settings = self.appo_settings
         if not settings.future_kl:
@@ -708,8 +760,11 @@ class APPOTrainer(GRPOTrainer):
             settings = (
                 f"\n\n## APPO settings\n\nBase model: {self._base_model_description()}.\n\n"
                 f"Trained with APPO (Agentic Procedural Policy Optimization, arXiv 2606.12384) via `trl_appo`: "
-                f"M={a.num_generations} rollouts per prompt = N={a.num_roots} roots × (1 + B={a.num_branches} "
-                f"branches).\n\n" + "\n".join(self.appo_settings.describe()) + "\n"
+                + (f"M={a.num_generations} rollouts per prompt = N={a.num_roots} roots × (1 + B={a.num_branches} "
+                   "branches)." if a.rollout_budget == "rollouts" else
+                   f"a budget of M={a.num_generations} rollouts' worth of decoded tokens per prompt spent on "
+                   f"N={a.num_roots} roots and N·B={a.num_roots * a.num_branches} branches, every leaf trained "
+                   "(rollout_budget='tokens').") + "\n\n" + "\n".join(self.appo_settings.describe()) + "\n"
             )
             text = path.read_text()
             if "## APPO settings" not in text:

@@ -495,3 +495,8 @@ def test_eval_flag_errors_name_the_subcommand(capsys):
     line = _bad(["eval", "--model", "m", "--dataset", "d", "--k", "many"], capsys, "--k", "'many'")
     assert line.startswith("trl-appo eval: error:")
 
+
+def test_cli_docs_are_generated_from_the_flag_dataclasses():
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gen_cli_docs.py"
+    res = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr + res.stdout

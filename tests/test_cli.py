@@ -438,3 +438,65 @@ def test_eval_budget_defaults_to_the_trained_models(tiny_model_dir, tmp_path, ca
 
     (model / "appo_settings.json").unlink()  # nothing recorded: the documented default
     assert scripts.trained_max_completion_length(str(model)) is None
+
+
+# ------------------------------------------------------------------------------------------------ issue 18: one floor
+
+
+def test_every_subcommand_declares_its_flags_as_one_dataclass(capsys):
+    """Each flag of each subcommand is a field of its `FLAGS` dataclass, with help; `--field_name` and the dashed
+    spelling parse to the same dataclass; the help text shown is the field's."""
+    import dataclasses
+
+    from trl_appo.cli import COMMANDS, build_parser
+    from trl_appo.cli._args import field_rows, from_namespace
+
+    assert set(COMMANDS) == {"train", "eval", "inspect", "demo", "recipes"}
+    parser = build_parser()
+    for name, module in COMMANDS.items():
+        assert dataclasses.is_dataclass(module.FLAGS), name
+        rows = field_rows(module.FLAGS)
+        assert all(row["help"] for row in rows), name
+        assert main([name, "--help"]) == 0
+        shown = " ".join(capsys.readouterr().out.split())
+        for row in rows:
+            assert " ".join(row["help"].split())[:40] in shown, (name, row["name"])
+        required = [r for r in rows if r["default"] == "required"]
+        base = [name] + [a for r in required for a in ((r["flags"][0], "x") if r["flags"][0].startswith("--")
+                                                      else ("x",))]
+        for row in rows:
+            if len(row["flags"]) < 2 or row["default"] == "required" or row["name"].startswith("help"):
+                continue
+            value = {"int": "3", "float": "0.5", "bool": "true"}.get(row["type"], None)
+            if value is None:
+                value = row["type"].split(" | ")[-1]
+            values = ["a", "b"] if row["type"].endswith("...") else [value]
+            underscore = parser.parse_args([*base, row["flags"][0], *values])
+            dashed = parser.parse_args([*base, row["flags"][1], *values])
+            assert vars(underscore) == vars(dashed), (name, row["flags"])
+            if name != "eval" or row["name"] not in ("k", "n"):
+                from_namespace(module.FLAGS, underscore)  # builds (checks in __post_init__ pass)
+
+
+def test_demo_flags_take_underscores_the_old_dashes_and_one_line_errors(capsys):
+    from trl_appo.cli import demo as demo_cli
+
+    new = demo_cli.parse(["--output_dir", "o", "--no_progress", "--b_lr", "1e-4", "--quick"])
+    old = demo_cli.parse(["--output-dir", "o", "--no-progress", "--b-lr", "1e-4", "--quick", "true"])
+    assert new == old and new.no_progress and new.quick and new.b_lr == 1e-4 and new.output_dir == "o"
+    with pytest.raises(SystemExit) as e:  # `python -m trl_appo.demo` says it as `trl-appo demo` does
+        demo_cli.parse(["--part", "c"])
+    assert e.value.code == EXIT_BAD_INPUT
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("trl-appo demo: error: argument --part") and "'all'" in lines[0]
+
+
+def test_eval_flag_errors_name_the_subcommand(capsys):
+    line = _bad(["eval", "--model", "m", "--dataset", "d", "--k", "many"], capsys, "--k", "'many'")
+    assert line.startswith("trl-appo eval: error:")
+
+
+def test_cli_docs_are_generated_from_the_flag_dataclasses():
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gen_cli_docs.py"
+    res = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr + res.stdout

@@ -24,7 +24,6 @@ or SmolLM2's when only Part A ran), `smollm2_trajectory.{html,png}`, `learning_c
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -659,38 +658,11 @@ def _report_md(results, s: DemoSettings, wall: float, quick: bool, files: list[s
 # ------------------------------------------------------------------------------------------------ main
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """A bad flag is one line naming the fix (exit 2), not the usage block."""
+def build_parser():
+    """The demo's flags: `trl_appo.cli.demo.DemoCommand`, parsed as every `trl-appo` subcommand's are."""
+    from trl_appo.cli.demo import build_parser as demo_parser
 
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(
-        prog="trl-appo demo",
-        description="Offline APPO demo on 2 CPU cores (no downloads). Part B (default): a tiny model warm-started "
-        "by SFT, then APPO and GRPO from the same start; held-out Pass@1 of both; the APPO model is saved. Part A "
-        "(--part a): SmolLM2-135M-Instruct (real model) + LoRA, a few APPO steps, where branch points fall. "
-        "Writes OUTPUT_DIR/report/.",
-    )
-    p.add_argument("--part", choices=["a", "b", "all"], default="b",
-                   help="Which part to run. Default b (learning, APPO beside GRPO); a: SmolLM2 branch points only.")
-    p.add_argument("--quick", action="store_true", help="Tiny sizes everywhere (~1 min; used by the tests).")
-    p.add_argument("--output-dir", default="appo-demo", help="Where runs and report/ go. Default ./appo-demo.")
-    p.add_argument("--seed", type=int, default=0, help="Seed. Default 0.")
-    p.add_argument("--a-steps", type=int, default=None, help="APPO steps of Part A (default 6; quick 1).")
-    p.add_argument("--b-steps", type=int, default=None,
-                   help="RL steps of Part B, for APPO and for GRPO (default 150; quick 16).")
-    p.add_argument("--b-sft-steps", type=int, default=None, help="SFT warm-start steps of Part B (default 160).")
-    p.add_argument("--b-lr", type=float, default=None, help="APPO learning rate of Part B (default 1e-4).")
-    p.add_argument("--threads", type=int, default=None,
-                   help="Torch CPU threads. Default: OMP_NUM_THREADS when set, else all cores on an idle machine and "
-                   "fewer when other processes keep the CPUs busy (trl_appo.runtime.choose_threads: 2-thread OpenMP "
-                   "on 2 oversubscribed cores decodes ~20x slower than 1 thread).")
-    p.add_argument("--no-progress", action="store_true", help="No progress bars.")
-    p.add_argument("--color", choices=["auto", "always", "never"], default="auto", help="ANSI colours. Default auto.")
-    return p
+    return demo_parser()
 
 
 def _setup_environment() -> None:
@@ -714,7 +686,14 @@ def _setup_environment() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """`python -m trl_appo.demo [flags]`: `--help` exits 0, a bad flag is one line and exit 2."""
+    from trl_appo.cli.demo import parse
+
+    return run(parse(argv))
+
+
+def run(args) -> int:
+    """Run the demo with parsed flags (a `trl_appo.cli.demo.DemoCommand`); 0 when a part ran."""
     _setup_environment()
     t0 = time.perf_counter()
     settings = DemoSettings.quick() if args.quick else DemoSettings()

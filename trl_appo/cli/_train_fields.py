@@ -28,7 +28,8 @@ TRAIN_FIELDS = {
     ),
     'num_generations': (
         'APPOConfig',
-        'APPO budget M: rollouts per prompt, roots plus branches (M = N·(1+B)).',
+        'APPO budget M: rollouts per prompt, roots plus branches (M = N·(1+B)), or with '
+        "rollout_budget='tokens' M full rollouts' worth of decoded model tokens (docs/algorithm.md §9).",
     ),
     'num_roots': (
         'APPOConfig',

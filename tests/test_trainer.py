@@ -259,6 +259,9 @@ def test_tools_branch_inside_and_after_calls_and_branches_call_tools(tiny_model,
     roots, branches = runs.calls[0][2], runs.calls[1][2]
     assert all(r.tool_stats.calls == 1 for r in roots)
     assert all("42" in r.text for r in roots)
+    spent = next(e for e in trainer.state.log_history if "loss" in e)  # budget accounting counts the calls
+    assert spent["appo/budget/tool_calls_roots"] == len(roots)
+    assert spent["appo/budget/tool_calls_branches"] == sum(b.tool_stats.calls for b in branches) > 0
     prefixes = runs.calls[1][1]["prefixes"]
     before_result = [b for b, p in zip(branches, prefixes, strict=True)
                      if p is not None and "<result>" not in tiny_tokenizer.decode(p.completion_ids)]
@@ -437,3 +440,39 @@ def test_every_grpo_config_shape_trains_one_step(tiny_model, tiny_tokenizer, tmp
     trainer = make_trainer(tiny_model, tiny_tokenizer, args)
     trainer.train()
     assert trainer.state.global_step == 1
+
+
+BUDGET_KEYS = [f"appo/budget/{k}" for k in (
+    "decoded_tokens_roots", "decoded_tokens_branches", "tool_calls_roots", "tool_calls_branches",
+    "seconds_generate", "seconds_score", "seconds_reward", "seconds_train",
+    "total_decoded_tokens", "total_tool_calls", "total_seconds")]
+
+
+@pytest.mark.parametrize("criterion", ["bs", "none"])
+def test_every_optimizer_step_logs_what_it_spent(tiny_tokenizer, tmp_path, criterion):
+    from trl_appo.testing import build_tiny_model
+
+    args = make_args(tmp_path, max_steps=3, branch_criterion=criterion,
+                     **({} if criterion == "bs" else {"num_branches": None}))
+    trainer = make_trainer(build_tiny_model(tiny_tokenizer), tiny_tokenizer, args)
+    batches = Recorder(trainer, "_generate_and_score_completions")
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logs) == 3 and len(batches.calls) == 3  # one generation batch per optimizer step here
+    totals = dict.fromkeys(("decoded_tokens_roots", "decoded_tokens_branches"), 0.0)
+    for entry, (_, _, batch) in zip(logs, batches.calls, strict=True):
+        assert all(k in entry for k in BUDGET_KEYS), [k for k in BUDGET_KEYS if k not in entry]
+        # GRPO: the batch holds the M roots; APPO: the step counts its roots' model tokens
+        root_model_tokens = ((batch["completion_mask"] * batch["tool_mask"]).sum().item() if criterion == "none"
+                             else entry["appo/root_model_tokens"])
+        assert entry["appo/budget/decoded_tokens_roots"] == root_model_tokens > 0
+        if criterion == "none":
+            assert entry["appo/budget/decoded_tokens_branches"] == 0 == entry["appo/budget/tool_calls_branches"]
+        else:
+            assert entry["appo/budget/decoded_tokens_branches"] == entry["appo/branch_decoded_tokens"] > 0
+        for k in totals:
+            totals[k] += entry[f"appo/budget/{k}"]
+            assert entry[f"appo/budget/total_{k}"] == totals[k]
+        assert entry["appo/budget/total_decoded_tokens"] == sum(totals.values())
+        seconds = [entry[f"appo/budget/seconds_{k}"] for k in ("generate", "score", "reward", "train")]
+        assert all(s >= 0 for s in seconds) and seconds[0] > 0

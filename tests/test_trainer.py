@@ -331,7 +331,8 @@ def test_resumed_run_continues_like_the_uninterrupted_run(tiny_tokenizer, tmp_pa
     assert "Base model: a `qwen2` model passed as an object" in card  # ... and the base model, even as an object
     step3 = [e for e in full.state.log_history if e.get("step") == 3 and "loss" in e][0]
     step3_resumed = [e for e in resumed.state.log_history if e.get("step") == 3 and "loss" in e][0]
-    for key in ("loss", "grad_norm", "reward", "appo/branch_reward", "appo/branch_position_rel", "appo/credit_abs_mean"):
+    for key in ("loss", "grad_norm", "reward", "appo/branch_reward", "appo/branch_position_rel", "appo/credit_abs_mean",
+                "appo/budget/total_decoded_tokens"):  # the budget's totals continue across the checkpoint
         assert step3_resumed[key] == pytest.approx(step3[key], rel=1e-5, abs=1e-6), key
 
 
@@ -476,3 +477,15 @@ def test_every_optimizer_step_logs_what_it_spent(tiny_tokenizer, tmp_path, crite
         assert entry["appo/budget/total_decoded_tokens"] == sum(totals.values())
         seconds = [entry[f"appo/budget/seconds_{k}"] for k in ("generate", "score", "reward", "train")]
         assert all(s >= 0 for s in seconds) and seconds[0] > 0
+
+
+def test_need_allocation_trains_with_the_uniform_number_of_branch_rows(tiny_model, tiny_tokenizer, tmp_path):
+    args = make_args(tmp_path, branch_allocation="need", num_branches=3, num_generations=8, max_steps=2,
+                     branch_criterion="random")  # N = 2 roots, 6 branches per prompt on average
+    trainer = make_trainer(tiny_model, tiny_tokenizer, args)
+    steps = Recorder(trainer, "_appo_step")
+    trainer.train()
+    for _, _, out in steps.calls:
+        assert out.branch_rows["completion_ids"].shape[0] == 6  # one prompt per generation batch: R·B rows
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert all(0.0 <= e["appo/groups_all_equal_after"] <= e["appo/groups_all_equal_before"] <= 1.0 for e in logs)

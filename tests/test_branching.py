@@ -409,3 +409,22 @@ def test_completions_table_lists_branches_and_the_roots_trained_credit(tiny_mode
     )
     got = sorted(table.loc[table["appo_row"] == "root", "advantage"].tolist())
     assert got == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "need"])
+def test_groups_all_equal_before_and_after_branching_and_need_through_the_port(tmp_path, allocation):
+    settings = _settings(tmp_path, num_generations=4, num_branches=1, branch_criterion="entropy",
+                         procedure_scale=False, dual_groups=True, branch_loss="suffix", branch_allocation=allocation,
+                         max_completion_length=8, min_branch_tokens=1, branch_point_token="keep")
+    port, batch = _step_port(), _step_batch()
+    batch["appo_root_rewards"] = torch.tensor([[1.0], [1.0]])  # the roots agree: GRPO learns nothing here
+    out = branching.branch_and_credit(batch, port, settings)
+    metrics = out.report.metrics
+    assert metrics["appo/groups_all_equal_before"] == 1.0
+    assert metrics["appo/groups_all_equal_after"] == 0.0  # the branches' rewards (0, 1) split the group
+    # One prompt of two agreeing roots: "need" gives each root one branch, as uniform does, with the same credit.
+    assert [p.completion_ids for p in port.prefixes] == [[10, 11], [20]]
+    a = 0.5 / (0.5**0.5 + 1e-4)
+    torch.testing.assert_close(out.branch_rows["advantages"][:, 0], torch.tensor([-a, a]), atol=1e-5, rtol=0)
+    # "need" gathers each branch's prompt (its counts vary per prompt); uniform's are implied.
+    assert port.calls.count("gather") == (4 if allocation == "need" else 3)

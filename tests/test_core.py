@@ -1020,7 +1020,8 @@ def test_a_registered_criterion_that_needs_omega_is_an_omega_criterion_without_a
 def test_every_swappable_rule_is_a_registry_entry_with_its_needs():
     from trl_appo import core
 
-    assert set(core.ALLOCATIONS) == {"uniform"}
+    assert set(core.ALLOCATIONS) == {"uniform", "need"}
+    assert core.get_allocation("need").needs_rewards and not core.get_allocation("uniform").needs_rewards
     assert set(core.BRANCH_ADVANTAGES) == {"dual_group", "local"}
     assert core.get_branch_advantage("local").needs_fork_points
     assert not core.get_branch_advantage("dual_group").needs_fork_points
@@ -1044,3 +1045,112 @@ def test_an_allocation_rule_sets_each_groups_number_of_points():
         assert pts.root.tolist() == [1, 1] and pts.position.tolist() == [5, 4]  # group 1 gets none
     finally:
         del core.ALLOCATIONS["first_group_only"]
+
+
+# ------------------------------------------------------------------ allocation by need (docs/algorithm.md §9)
+
+
+def test_need_allocation_moves_branches_to_agreeing_prompts_and_failed_roots_by_hand():
+    from trl_appo import core
+
+    # G = 3 prompts of N = 2, K = 2: total 12. Range 1, so the largest variance is 0.25.
+    # Spread V = (0, 0, 1) -> weights (1, 1, 0.25) -> shares 12·w/2.25 = (5.33, 5.33, 1.33) -> (6, 5, 1), the last
+    # seat to the first of the tied remainders. Within: (3, 3); (3, 2) (tie -> lower index); prompt 2's one branch
+    # goes to its failed root (weight 2 vs 1: shares 0.67, 0.33).
+    counts = core.need_allocation(torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 1.0]), 2, 2)
+    assert counts.tolist() == [3, 3, 3, 2, 1, 0] and counts.sum() == 12
+    # N = 4, K = 1: prompt 1 has one failure in four, V = 4·0.75·0.25 = 0.75, w = 1 − 0.75·0.75 = 0.4375;
+    # shares 8·(1, 0.4375)/1.4375 = (5.57, 2.43) -> (6, 2). Prompt 0: 1.5 each -> (2, 2, 1, 1). Prompt 1:
+    # u = (1, 2, 1, 1) -> (0.4, 0.8, 0.4, 0.4) -> the failed root, then the lowest index.
+    counts = core.need_allocation(torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0]), 4, 1)
+    assert counts.tolist() == [2, 2, 1, 1, 1, 1, 0, 0]
+    # A batch whose rewards all agree is the uniform allocation; so is a single prompt group without failures.
+    assert core.need_allocation(torch.full((6,), 0.5), 3, 2).tolist() == [2] * 6
+    assert core.need_allocation(torch.tensor([0.2, 0.9, 0.9, 0.1]), 2, 0).tolist() == [0] * 4
+    with pytest.raises(ValueError, match="divide the number of roots"):
+        core.need_allocation(torch.zeros(5), 2, 1)
+    with pytest.raises(ValueError, match="finite"):
+        core.need_allocation(torch.tensor([0.0, float("nan")]), 2, 1)
+
+
+def test_need_quotas_always_sum_to_the_uniform_total():
+    from trl_appo import core
+
+    gen = torch.Generator().manual_seed(0)
+    for N, K, G in ((2, 1, 5), (4, 3, 3), (3, 2, 7), (1, 2, 4)):
+        rewards = torch.randint(0, 3, (G * N,), generator=gen).double() / 2
+        counts = core.need_allocation(rewards, N, K)
+        assert counts.sum().item() == G * N * K and counts.min() >= 0
+
+
+def test_selection_takes_per_root_counts_from_a_reward_allocation():
+    from trl_appo import core
+
+    cand = torch.ones(4, 6, dtype=torch.bool)
+    cand[3] = False  # root 3 has no candidate: its points resample from the prompt
+    ent = torch.arange(24, dtype=torch.float32).view(4, 6)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])  # prompt 0 mixed, prompt 1 agrees
+    # w = (0.25, 1): shares 8·w/1.25 = (1.6, 6.4) -> (2, 6). Prompt 0: u = (1, 2), shares (0.67, 1.33) -> (1, 1).
+    assert core.need_allocation(rewards, 2, 2).tolist() == [1, 1, 3, 3]
+    pts = select_branch_points(None, cand, 2, criterion="entropy", entropy=ent, group_size=2, allocation="need",
+                               rewards=rewards)
+    assert pts.root.tolist() == [0, 1, 2, 2, 2, 3, 3, 3]  # P = 8 = B·K, as uniform
+    assert pts.position.tolist() == [5, 5, 5, 4, 3, -1, -1, -1] and pts.fallback.tolist()[-3:] == [5, 5, 5]
+    pooled = select_branch_points(None, cand, 2, criterion="entropy", entropy=ent, group_size=2, pooled=True,
+                                  allocation="need", rewards=rewards)
+    assert pooled.root.tolist() == [1, 1, 2, 2, 2, 2, 2, 2]  # group quotas 2 and 6, ranked over the group
+    assert pooled.position.tolist() == [5, 4, 5, 4, 3, 2, 1, 0]
+    with pytest.raises(ValueError, match="needs `rewards`"):
+        select_branch_points(None, cand, 2, criterion="entropy", entropy=ent, group_size=2, allocation="need")
+
+
+def test_a_reward_allocation_that_breaks_the_total_is_refused():
+    from trl_appo import core
+
+    @core.register_allocation("greedy", needs_rewards=True)
+    def greedy(rewards, group_size, num_branches):
+        return [num_branches + 1] * len(rewards)
+
+    try:
+        with pytest.raises(ValueError, match="expected 4 non-negative counts summing to 4"):
+            select_branch_points(None, torch.ones(4, 6, dtype=torch.bool), 1, criterion="random", group_size=2,
+                                 allocation="greedy", rewards=torch.zeros(4))
+    finally:
+        del core.ALLOCATIONS["greedy"]
+
+
+def test_dual_group_advantages_with_unequal_branch_groups_by_hand():
+    from trl_appo import core
+
+    roots = torch.tensor([[1.0], [0.0], [1.0], [1.0]])  # G = 2, N = 2
+    branches = torch.tensor([[1.0], [0.0], [0.0], [1.0]])  # prompts (0, 1, 0, 0): three branches and one
+    prompt = torch.tensor([0, 1, 0, 0])
+    root_adv, branch_adv = core.dual_group_advantages(roots, branches, torch.ones(1), 2, 2, branch_prompt=prompt)
+    a = 0.5 / (0.5**0.5 + 1e-4)
+    s = (1 / 3) ** 0.5 + 1e-4  # prompt 0's branches (1, 0, 1): mean 2/3, Bessel std sqrt(1/3)
+    torch.testing.assert_close(root_adv, torch.tensor([a, -a, 0.0, 0.0]))
+    torch.testing.assert_close(branch_adv, torch.tensor([(1 / 3) / s, 0.0, (-2 / 3) / s, (1 / 3) / s]))
+    # One joint group per prompt: prompt 0 = roots (1, 0) + branches (1, 0, 1); prompt 1 = (1, 1, 0).
+    root_adv, branch_adv = core.dual_group_advantages(roots, branches, torch.ones(1), 2, 2, branch_prompt=prompt,
+                                                      dual_groups=False)
+    s0, s1 = torch.tensor([1.0, 0, 1, 0, 1]).std().item() + 1e-4, torch.tensor([1.0, 1, 0]).std().item() + 1e-4
+    expected_roots = torch.tensor([0.4 / s0, -0.6 / s0, (1 / 3) / s1, (1 / 3) / s1])
+    torch.testing.assert_close(root_adv, expected_roots)
+    torch.testing.assert_close(branch_adv, torch.tensor([0.4 / s0, (-2 / 3) / s1, -0.6 / s0, 0.4 / s0]))
+    # Equal groups given by prompt index: exactly the equal-group result.
+    even = torch.tensor([0, 0, 1, 1])
+    for dual in (True, False):
+        for scale in ("group", "batch", "none"):
+            kw = dict(dual_groups=dual, scale_rewards=scale)
+            plain = core.dual_group_advantages(roots, branches, torch.ones(1), 2, 2, **kw)
+            by_prompt = core.dual_group_advantages(roots, branches, torch.ones(1), 2, 2, branch_prompt=even, **kw)
+            for x, y in zip(plain, by_prompt, strict=True):
+                torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_groups_all_equal_by_hand():
+    from trl_appo import core
+
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5])
+    group = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert core.groups_all_equal(rewards, group, 4).tolist() == [True, False, True, True]  # group 3 is empty

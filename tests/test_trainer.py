@@ -259,6 +259,9 @@ def test_tools_branch_inside_and_after_calls_and_branches_call_tools(tiny_model,
     roots, branches = runs.calls[0][2], runs.calls[1][2]
     assert all(r.tool_stats.calls == 1 for r in roots)
     assert all("42" in r.text for r in roots)
+    spent = next(e for e in trainer.state.log_history if "loss" in e)  # budget accounting counts the calls
+    assert spent["appo/budget/tool_calls_roots"] == len(roots)
+    assert spent["appo/budget/tool_calls_branches"] == sum(b.tool_stats.calls for b in branches) > 0
     prefixes = runs.calls[1][1]["prefixes"]
     before_result = [b for b, p in zip(branches, prefixes, strict=True)
                      if p is not None and "<result>" not in tiny_tokenizer.decode(p.completion_ids)]
@@ -328,7 +331,8 @@ def test_resumed_run_continues_like_the_uninterrupted_run(tiny_tokenizer, tmp_pa
     assert "Base model: a `qwen2` model passed as an object" in card  # ... and the base model, even as an object
     step3 = [e for e in full.state.log_history if e.get("step") == 3 and "loss" in e][0]
     step3_resumed = [e for e in resumed.state.log_history if e.get("step") == 3 and "loss" in e][0]
-    for key in ("loss", "grad_norm", "reward", "appo/branch_reward", "appo/branch_position_rel", "appo/credit_abs_mean"):
+    for key in ("loss", "grad_norm", "reward", "appo/branch_reward", "appo/branch_position_rel", "appo/credit_abs_mean",
+                "appo/budget/total_decoded_tokens"):  # the budget's totals continue across the checkpoint
         assert step3_resumed[key] == pytest.approx(step3[key], rel=1e-5, abs=1e-6), key
 
 
@@ -437,3 +441,51 @@ def test_every_grpo_config_shape_trains_one_step(tiny_model, tiny_tokenizer, tmp
     trainer = make_trainer(tiny_model, tiny_tokenizer, args)
     trainer.train()
     assert trainer.state.global_step == 1
+
+
+BUDGET_KEYS = [f"appo/budget/{k}" for k in (
+    "decoded_tokens_roots", "decoded_tokens_branches", "tool_calls_roots", "tool_calls_branches",
+    "seconds_generate", "seconds_score", "seconds_reward", "seconds_train",
+    "total_decoded_tokens", "total_tool_calls", "total_seconds")]
+
+
+@pytest.mark.parametrize("criterion", ["bs", "none"])
+def test_every_optimizer_step_logs_what_it_spent(tiny_tokenizer, tmp_path, criterion):
+    from trl_appo.testing import build_tiny_model
+
+    args = make_args(tmp_path, max_steps=3, branch_criterion=criterion,
+                     **({} if criterion == "bs" else {"num_branches": None}))
+    trainer = make_trainer(build_tiny_model(tiny_tokenizer), tiny_tokenizer, args)
+    batches = Recorder(trainer, "_generate_and_score_completions")
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logs) == 3 and len(batches.calls) == 3  # one generation batch per optimizer step here
+    totals = dict.fromkeys(("decoded_tokens_roots", "decoded_tokens_branches"), 0.0)
+    for entry, (_, _, batch) in zip(logs, batches.calls, strict=True):
+        assert all(k in entry for k in BUDGET_KEYS), [k for k in BUDGET_KEYS if k not in entry]
+        # GRPO: the batch holds the M roots; APPO: the step counts its roots' model tokens
+        root_model_tokens = ((batch["completion_mask"] * batch["tool_mask"]).sum().item() if criterion == "none"
+                             else entry["appo/root_model_tokens"])
+        assert entry["appo/budget/decoded_tokens_roots"] == root_model_tokens > 0
+        if criterion == "none":
+            assert entry["appo/budget/decoded_tokens_branches"] == 0 == entry["appo/budget/tool_calls_branches"]
+        else:
+            assert entry["appo/budget/decoded_tokens_branches"] == entry["appo/branch_decoded_tokens"] > 0
+        for k in totals:
+            totals[k] += entry[f"appo/budget/{k}"]
+            assert entry[f"appo/budget/total_{k}"] == totals[k]
+        assert entry["appo/budget/total_decoded_tokens"] == sum(totals.values())
+        seconds = [entry[f"appo/budget/seconds_{k}"] for k in ("generate", "score", "reward", "train")]
+        assert all(s >= 0 for s in seconds) and seconds[0] > 0
+
+
+def test_need_allocation_trains_with_the_uniform_number_of_branch_rows(tiny_model, tiny_tokenizer, tmp_path):
+    args = make_args(tmp_path, branch_allocation="need", num_branches=3, num_generations=8, max_steps=2,
+                     branch_criterion="random")  # N = 2 roots, 6 branches per prompt on average
+    trainer = make_trainer(tiny_model, tiny_tokenizer, args)
+    steps = Recorder(trainer, "_appo_step")
+    trainer.train()
+    for _, _, out in steps.calls:
+        assert out.branch_rows["completion_ids"].shape[0] == 6  # one prompt per generation batch: R·B rows
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert all(0.0 <= e["appo/groups_all_equal_after"] <= e["appo/groups_all_equal_before"] <= 1.0 for e in logs)

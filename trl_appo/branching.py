@@ -37,7 +37,7 @@ from . import core, records
 from .batch_rows import take_rows
 from .port import StepPort
 from .rollout.build import completions_for_rewards, executed_tool_calls
-from .step_metrics import step_metrics
+from .step_metrics import agreement_metrics, step_metrics
 
 
 @dataclass(frozen=True)
@@ -248,10 +248,12 @@ def branch_and_credit(batch: dict[str, Any], port: StepPort, settings: StepSetti
         model_mask.bool(), view.lengths, settings.max_completion_length, settings.min_branch_tokens,
         whitespace_mask=port.whitespace_table()[rows["completion_ids"]] & rows["completion_mask"].bool(),
     )
+    by_need = core.get_allocation(settings.allocation).needs_rewards  # per-root counts from the roots' rewards
+    root_scalar = (rows["appo_root_rewards"].float().cpu() * port.reward_weights.cpu()).nansum(dim=1)  # (R,)
     pts = core.select_branch_points(
         bs, candidates, B, criterion=settings.criterion, pooled=settings.selection == "pooled", group_size=N,
         min_distance=settings.min_distance, generator=port.generator, entropy=entropy,
-        allocation=settings.allocation,
+        allocation=settings.allocation, rewards=root_scalar if by_need else None,
     )  # (P,) each
     ends = shared_end(pts.position, settings.keep_token)
     t_score = time.perf_counter()
@@ -274,11 +276,15 @@ def branch_and_credit(batch: dict[str, Any], port: StepPort, settings: StepSetti
     # 6. Credit (paper §3.3) over the gathered batch, then this rank's slice.
     root_rewards = port.gather(rows["appo_root_rewards"].to(device))  # (R_all, F)
     weights = port.reward_weights.to(device)
+    rank, R, P = port.rank, len(view.prompt_ids), len(branches)
+    # Each branch's prompt over all ranks: implied (N·B per prompt) unless the allocation varies it per prompt.
+    branch_prompt = (port.gather(pts.root.to(device) // N + rank * (R // N)) if by_need
+                     else torch.arange(branch_rewards.shape[0], device=device) // max(N * B, 1))
     root_adv_all, branch_adv_all = core.dual_group_advantages(
         root_rewards, branch_rewards.to(device), weights, N, N * B, scale_rewards=settings.scale_rewards,
         dual_groups=settings.dual_groups, multi_objective_aggregation=settings.multi_objective_aggregation,
+        branch_prompt=branch_prompt if by_need else None,
     )
-    rank, R, P = port.rank, len(view.prompt_ids), len(branches)
     root_adv = root_adv_all[rank * R : (rank + 1) * R]
     branch_adv = branch_adv_all[rank * P : (rank + 1) * P]
     credit = core.branch_credit(
@@ -301,6 +307,7 @@ def branch_and_credit(batch: dict[str, Any], port: StepPort, settings: StepSetti
                            root_rewards=root_rewards, weights=weights, credit=credit,
                            timings=(t_score - t0, t_gen - t_score, t_reward - t_gen), branch_rows=branch_rows,
                            uses_omega=settings.uses_omega, gather=port.gather, device=device)
+    metrics.update(agreement_metrics(root_rewards, branch_rewards, weights, branch_prompt, N))
     on = model_mask.to(credit.device).float()
     table = BranchCompletions(prompts=branch_prompts, completions=completions, rewards=branch_rewards,
                               advantages=trained, positions=pts.position, root_log_index=rows.get("appo_log_index"),

@@ -125,7 +125,9 @@ class APPOConfig(GRPOConfig):
         default="uniform",
         metadata={
             "help": "How many branch points each prompt group gets, by name from `core.ALLOCATIONS` (a registered "
-            "rule is valid too). 'uniform' (paper): B per root."
+            "rule is valid too). 'uniform' (paper): B per root. 'need' (docs/algorithm.md §9, after DEEP-GRPO / "
+            "DATPO): the same N·B per prompt on average, moved to prompts whose roots' rewards all agree (GRPO "
+            "learns nothing from those) and, within a prompt, to its failed roots."
         },
     )
     branch_schedule: str | None = field(

@@ -138,3 +138,21 @@ def budget_metrics(roots: dict, branches: Sequence, *, trained_branches: bool, n
         if n_branches:
             out["appo/branch_cost_fraction"] = branch_tokens / n_branches / per_root
     return out
+
+
+def agreement_metrics(root_rewards: torch.Tensor, branch_rewards: torch.Tensor, weights: torch.Tensor,
+                      branch_prompt: torch.Tensor, num_roots: int) -> dict[str, float]:
+    """Fraction of prompt groups whose scalar rewards all agree (GRPO learns nothing from them), over the roots
+    (``appo/groups_all_equal_before``) and over roots and branches (``appo/groups_all_equal_after``).
+
+    root_rewards: (R_all, F) and branch_rewards: (P_all, F), gathered; branch_prompt: (P_all,) each branch's prompt.
+    """
+    device = root_rewards.device
+    rr = (root_rewards * weights.unsqueeze(0)).nansum(dim=1)
+    br = (branch_rewards.to(device) * weights.unsqueeze(0)).nansum(dim=1)
+    G = rr.shape[0] // num_roots
+    root_prompt = torch.arange(rr.shape[0], device=device) // num_roots
+    before = core.groups_all_equal(rr, root_prompt, G)
+    after = core.groups_all_equal(torch.cat([rr, br]), torch.cat([root_prompt, branch_prompt.to(device).long()]), G)
+    return {"appo/groups_all_equal_before": before.float().mean().item() if G else 0.0,
+            "appo/groups_all_equal_after": after.float().mean().item() if G else 0.0}

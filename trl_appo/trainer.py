@@ -42,11 +42,13 @@ from typing import Any
 import torch
 import trl
 from packaging.version import Version
+from transformers import TrainerCallback
 from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
 from . import batch_rows, branching, core, records
+from .budget import BudgetMeter, rollout_spend
 from .branching import StepOutput, StepSettings
 from .config import APPOConfig
 from .rollout.build import build_engine, completions_for_rewards, executed_tool_calls
@@ -158,10 +160,30 @@ class TrainerPort:
         return self._trainer._whitespace_table(self.device)
 
     def rollout(self, prompt_ids, prefixes):
-        return self._trainer._appo_engine.run(prompt_ids, prefixes=prefixes, group_size=1)
+        with self._trainer._appo_spending("seconds_generate"):
+            return self._trainer._appo_engine.run(prompt_ids, prefixes=prefixes, group_size=1)
 
     def branch_rewards(self, inputs, prompts, completions, completion_ids):
-        return self._trainer._branch_rewards(inputs, prompts, completions, completion_ids)
+        with self._trainer._appo_spending("seconds_reward"):
+            return self._trainer._branch_rewards(inputs, prompts, completions, completion_ids)
+
+
+class _BudgetClock(TrainerCallback):
+    """Opens and closes `APPOTrainer`'s budget accounting around each optimizer step (`trl_appo.budget`)."""
+
+    def __init__(self, trainer: APPOTrainer):
+        self._trainer = trainer
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._trainer._appo_budget.start_step()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        metrics = self._trainer._metrics["train"]
+        for name, value in self._trainer._appo_budget.end_step().items():
+            if "/total_" in name:  # cumulative, like TRL's num_tokens: the latest value
+                metrics[name] = [value]
+            else:  # this step's spend: TRL averages it over the steps of a logging window
+                metrics[name].append(value)
 
 
 class APPOTrainer(GRPOTrainer):
@@ -228,6 +250,7 @@ class APPOTrainer(GRPOTrainer):
         self._appo_sampled_at_step = 0
         self._appo_window = None  # (first micro-step, loss batches) of the current optimizer step (per_update)
         self._appo_logged_rows = 0  # rows ever appended to TRL's completions table (roots and branches, all ranks)
+        self._appo_budget = BudgetMeter()  # what each optimizer step spends (trl_appo.budget)
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="You are using 'rollout_func'")
@@ -260,6 +283,7 @@ class APPOTrainer(GRPOTrainer):
                 "rollout_budget='tokens' trains a micro-batch in several backward passes, which DeepSpeed's own "
                 "gradient accumulation counts as micro-steps: use rollout_budget='rollouts' with DeepSpeed."
             )
+        self.add_callback(_BudgetClock(self))
         self._appo_port = TrainerPort(self)
         self._appo_engine = self._build_engine()
         for note in args.appo_notes:  # defaults APPO chose for this config, said once
@@ -347,8 +371,10 @@ class APPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         group = self.num_generations if mode == "train" else self.num_generations_eval
         prompt_ids = self._appo_engine.tokenize_prompts(prompts)
-        rollouts = self._appo_engine.run(prompt_ids, group_size=group)
+        with self._appo_spending("seconds_generate"):
+            rollouts = self._appo_engine.run(prompt_ids, group_size=group)
         self._log_rollout_metrics(rollouts, mode, prefix="appo/root")
+        self._count_spend(rollouts, "roots")
         logprobs = None if any(r.logprobs is None for r in rollouts) else [r.logprobs for r in rollouts]
         return {
             "prompt_ids": [r.prompt_ids for r in rollouts],
@@ -379,9 +405,27 @@ class APPOTrainer(GRPOTrainer):
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)
 
+    # ------------------------------------------------------------------ budget accounting (trl_appo.budget)
+    def _appo_spending(self, kind: str, remainder: bool = False):
+        """Count the block's seconds as ``kind`` of this optimizer step (``remainder``: only the seconds not
+        counted inside it); evaluation is not counted."""
+        if not self.model.training:
+            return contextlib.nullcontext()
+        meter = self._appo_budget
+        return meter.remainder(kind) if remainder else meter.timed(kind)
+
+    def _count_spend(self, rollouts, kind: str) -> None:
+        """Add the decoded model tokens and tool calls of `rollouts` (``kind``: "roots" or "branches", all ranks)."""
+        if not self.model.training:
+            return
+        decoded, calls = rollout_spend(rollouts, self.accelerator.gather, self.accelerator.device)
+        self._appo_budget.add(f"decoded_tokens_{kind}", decoded)
+        self._appo_budget.add(f"tool_calls_{kind}", calls)
+
     # ------------------------------------------------------------------ rewards
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        with self._appo_spending("seconds_reward"):
+            rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._appo_handoff.put("root_rewards", rewards)  # gathered (R_all, F); taken right after super() returns
         return rewards
 
@@ -403,6 +447,11 @@ class APPOTrainer(GRPOTrainer):
             self.num_generations, self.num_generations_eval = saved
 
     def _generate_and_score_completions(self, inputs):
+        # What this hook spends beyond generating and rewarding (old/ref log-probs, APPO's scoring) is scoring.
+        with self._appo_spending("seconds_score", remainder=True):
+            return self._generate_and_score(inputs)
+
+    def _generate_and_score(self, inputs):
         if not self._branching:
             return super()._generate_and_score_completions(inputs)
         args = self.args
@@ -519,9 +568,11 @@ class APPOTrainer(GRPOTrainer):
         args = self.args
         mode = "train" if self.model.training else "eval"
         want = args.log_branch_trees and self.accelerator.is_main_process and self.model.training
-        step = branching.branch_and_credit(batch, self._appo_port, self.appo_settings, for_loss=for_loss,
-                                           want_records=want)
+        with self._appo_spending("seconds_score", remainder=True):
+            step = branching.branch_and_credit(batch, self._appo_port, self.appo_settings, for_loss=for_loss,
+                                               want_records=want)
         report = step.report
+        self._count_spend(report.branches, "branches")
         metrics = {**report.metrics, **budget_metrics(
             batch, report.branches, trained_branches=step.branch_rows is not None, num_roots=args.num_roots,
             gather=self.accelerator.gather, device=self.accelerator.device)}
@@ -717,7 +768,8 @@ class APPOTrainer(GRPOTrainer):
 
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             torch.save(
-                {"generator": self._appo_generator.get_state(), "branch_step": self._appo_branch_step},
+                {"generator": self._appo_generator.get_state(), "branch_step": self._appo_branch_step,
+                 "budget_totals": dict(self._appo_budget.totals)},
                 os.path.join(folder, _APPO_STATE_FILE),
             )
 
@@ -729,6 +781,7 @@ class APPOTrainer(GRPOTrainer):
                 state = torch.load(path, weights_only=True)
                 self._appo_generator.set_state(state["generator"])
                 self._appo_branch_step = state["branch_step"]
+                self._appo_budget.totals.update(state.get("budget_totals", {}))
 
     def _base_model_description(self) -> str:
         """The base model's hub id or path, or, for a model passed as an object built in code, what it is."""

@@ -65,7 +65,7 @@ from .registry import (
 )
 from .scan import discounted_suffix_sum
 from .score import BranchingScore, branch_candidates, branching_score
-from .selection import FALLBACK_CODES, BranchPoints, select_branch_points
+from .selection import FALLBACK_CODES, BranchPoints, groups_all_equal, need_allocation, select_branch_points
 
 __all__ = [
     "ALLOCATIONS",
@@ -94,6 +94,8 @@ __all__ = [
     "get_branch_advantage",
     "get_branch_criterion",
     "get_future_kl_form",
+    "groups_all_equal",
+    "need_allocation",
     "omega_criteria",
     "register_allocation",
     "register_branch_advantage",

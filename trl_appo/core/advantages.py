@@ -79,6 +79,7 @@ def dual_group_advantages(
     scale_rewards: str = "group",
     dual_groups: bool = True,
     multi_objective_aggregation: str = "sum_then_normalize",
+    branch_prompt: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dual-group advantages Â_i (roots) and Â_b (branches), docs/algorithm.md §3.
 
@@ -98,7 +99,11 @@ def dual_group_advantages(
         branch_rewards_per_func: (P, F) floating, P = G·num_branches, each prompt's branches contiguous.
         reward_weights: (F,) floating.
         num_roots: N ≥ 1, roots per prompt.
-        num_branches: branches per prompt (N·B) ≥ 0.
+        num_branches: branches per prompt (N·B) ≥ 0; with ``branch_prompt``, their average (P = G·num_branches).
+        branch_prompt: optional (P,) integer prompt index in [0, G) of each branch, for allocations that give
+            prompts unequal numbers of branches (``"need"``, docs/algorithm.md §9). Each prompt's branches (in any
+            order) then form its group, padded to the largest with unscored (NaN) rows, which TRL's normalisation
+            leaves out of means, stds and Bessel counts: the same advantages as groups of their own sizes.
 
     Returns:
         (root_adv (R,), branch_adv (P,)), in the rewards' dtype.
@@ -138,6 +143,11 @@ def dual_group_advantages(
             f"`branch_rewards_per_func` has {P} rows but {G} prompts × num_branches={num_branches} = "
             f"{G * num_branches} were expected."
         )
+    if branch_prompt is not None:
+        return _dual_group_advantages_by_prompt(root_rewards_per_func, branch_rewards_per_func, reward_weights,
+                                                num_roots, branch_prompt, G, scale_rewards=scale_rewards,
+                                                dual_groups=dual_groups,
+                                                multi_objective_aggregation=multi_objective_aggregation)
     args = (reward_weights, scale_rewards, multi_objective_aggregation)
     if dual_groups or num_branches == 0:
         root_adv = _grpo_advantages(root_rewards_per_func, reward_weights, num_roots, *args[1:])
@@ -161,3 +171,28 @@ def scalar_rewards(rewards_per_func: torch.Tensor, reward_weights: torch.Tensor)
     rewards = (rewards_per_func * reward_weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
     rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
     return rewards
+
+
+def _dual_group_advantages_by_prompt(root_rewards_per_func, branch_rewards_per_func, reward_weights, num_roots: int,
+                                     branch_prompt: torch.Tensor, num_prompts: int, **kwargs):
+    """``dual_group_advantages`` with each prompt's own branches (``branch_prompt``): padded with NaN rows to equal
+    groups, computed by the equal-group path, unpadded."""
+    _check_tensor("branch_prompt", branch_prompt, 1)
+    P, F = branch_rewards_per_func.shape
+    G = num_prompts
+    if branch_prompt.shape[0] != P:
+        raise ValueError(f"`branch_prompt` has {branch_prompt.shape[0]} entries, expected one per branch ({P}).")
+    prompt = branch_prompt.to(branch_rewards_per_func.device).long()
+    if P and bool(((prompt < 0) | (prompt >= G)).any()):
+        raise ValueError(f"`branch_prompt` must be in [0, {G}), got {prompt.tolist()}.")
+    counts = torch.bincount(prompt, minlength=G)
+    width = int(counts.max()) if P else 0
+    order = torch.argsort(prompt, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(prompt)
+    slot[order] = torch.arange(P, device=prompt.device) - starts[prompt[order]]
+    padded = branch_rewards_per_func.new_full((G, width, F), float("nan"))
+    padded[prompt, slot] = branch_rewards_per_func
+    root_adv, padded_adv = dual_group_advantages(root_rewards_per_func, padded.view(G * width, F), reward_weights,
+                                                 num_roots, width, **kwargs)
+    return root_adv, padded_adv.view(G, width)[prompt, slot]

@@ -6,7 +6,8 @@ never from a hand-kept list, what to compute for it (e.g. Ω's reference log-pro
 * ``BRANCH_CRITERIA``   §1 where to branch: ``fn(scores, entropy_key, candidates, generator) -> (tier, primary,
   secondary)`` ranking keys; declares ``needs_omega`` (ranks by the Branching Score, so Ω must be computed).
 * ``ALLOCATIONS``       §1 how many branch points each prompt group gets: ``fn(num_groups, group_size, num_branches)
-  -> list[int]`` quotas; today only ``"uniform"`` (B per root).
+  -> list[int]`` quotas (``"uniform"``: B per root); a rule that declares ``needs_rewards`` is called
+  ``fn(rewards (R,), group_size N, num_branches K) -> list[int]`` per-root counts summing to R·K (``"need"``, §9).
 * ``BRANCH_ADVANTAGES`` §3 / §9 the advantage a branch row is trained with (``branch_loss="suffix"``):
   ``fn(inputs: BranchAdvantageInputs) -> (P,)``; declares ``needs_fork_points`` (the gathered points and shared
   ends of every rank's branches).
@@ -58,6 +59,7 @@ class Rule:
     fn: Callable[..., Any]
     needs_omega: bool = False  # criteria: reads the Branching Score, so Ω's reference log-probs are computed
     needs_fork_points: bool = False  # branch advantages: reads every rank's (root, shared end) of each branch
+    needs_rewards: bool = False  # allocations: reads the roots' rewards (per-root counts instead of group quotas)
     description: str = ""
 
     def __call__(self, *args, **kwargs):
@@ -104,10 +106,12 @@ def register_branch_criterion(name: str, *, needs_omega: bool = False, descripti
     return BRANCH_CRITERIA.register(name, needs_omega=needs_omega, **extra)
 
 
-def register_allocation(name: str, *, description: str | None = None):
-    """Decorator: a branch allocation ``fn(num_groups, group_size, num_branches) -> list[int]`` (points per group)."""
+def register_allocation(name: str, *, needs_rewards: bool = False, description: str | None = None):
+    """Decorator: a branch allocation ``fn(num_groups, group_size, num_branches) -> list[int]`` (points per group);
+    with ``needs_rewards=True``, ``fn(rewards (R,), group_size N, num_branches K) -> list[int]`` (points per root,
+    summing to R·K) and the step passes the roots' scalar rewards."""
     extra = {} if description is None else {"description": description}
-    return ALLOCATIONS.register(name, **extra)
+    return ALLOCATIONS.register(name, needs_rewards=needs_rewards, **extra)
 
 
 def register_branch_advantage(name: str, *, needs_fork_points: bool = False, description: str | None = None):
@@ -128,7 +132,7 @@ def get_branch_criterion(name: str) -> Rule:
 
 
 def get_allocation(name: str) -> Rule:
-    """The registered branch allocation ``name`` ("uniform"); ``ValueError`` listing the valid ones."""
+    """The registered branch allocation ``name`` ("uniform", "need"); ``ValueError`` listing the valid ones."""
     return ALLOCATIONS.lookup(name)
 
 

@@ -101,6 +101,7 @@ def select_branch_points(
     generator: torch.Generator | None = None,
     entropy: torch.Tensor | None = None,
     allocation: str = "uniform",
+    rewards: torch.Tensor | None = None,
 ) -> BranchPoints:
     """Choose branch points, docs/algorithm.md §1 (selection) and the ablation criteria.
 
@@ -131,7 +132,12 @@ def select_branch_points(
         num_branches: K ≥ 0, branch points per root.
         entropy: optional (B, T) floating entropy key that replaces ``scores.z_entropy`` for entropy ranking. In
             pooled mode values are compared across roots, so z-scores are usually the right key.
-        allocation: how many points each group gets (``ALLOCATIONS``; "uniform": ``group_size·K`` per group).
+        allocation: how many points each group gets (``ALLOCATIONS``; "uniform": ``group_size·K`` per group;
+            "need": per-root counts from the roots' rewards, ``need_allocation``). A rule that declares
+            ``needs_rewards`` gets ``rewards`` and ``group_size`` = N roots per prompt (rows in contiguous prompt
+            groups, pooled or not) and returns per-root counts summing to B·K; per-root mode takes each root's
+            count, pooled mode each group's sum. Either way P = B·K.
+        rewards: (B,) scalar reward of each root, for allocations that declare ``needs_rewards``.
 
     Returns:
         ``BranchPoints`` of length P (B·K per-root; B·K in pooled mode too, since every group asks for
@@ -141,7 +147,7 @@ def select_branch_points(
     group_size·K·max(1, 2·min_distance − 1) ranked candidates each (≈0.1 s at B=64, T=8192 on one CPU thread).
     """
     rule = get_branch_criterion(criterion)
-    quota_of = get_allocation(allocation)
+    alloc_rule = get_allocation(allocation)
     entropy_key = _check_selection_inputs(scores, candidates, num_branches, criterion, pooled, group_size,
                                           min_distance, entropy)
     B, T = candidates.shape
@@ -151,7 +157,11 @@ def select_branch_points(
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return BranchPoints(empty, empty.clone(), empty.bool(), empty.clone(), torch.zeros(0, device=device))
     tier, primary, secondary = rule(scores, entropy_key, candidates, generator)
-    quotas = quota_of(B // gs, gs, num_branches)
+    if alloc_rule.needs_rewards:
+        counts = _checked_counts(alloc_rule, rewards, candidates, group_size, num_branches)
+        quotas = [sum(counts[g * gs : (g + 1) * gs]) for g in range(B // gs)]
+    else:
+        quotas = alloc_rule(B // gs, gs, num_branches)
     roots, positions, codes = _pick_points(tier, primary, secondary, candidates, gs, quotas, num_branches,
                                            min_distance)
     root_t = torch.tensor(roots, dtype=torch.long, device=device)
@@ -245,7 +255,7 @@ def _pick_points(tier, primary, secondary, candidates, gs: int, quotas: list[int
         ranked = [(f % gs, f // gs) for f in top[g][:n]]
         if not ranked:
             for j in range(quota):
-                roots.append(g * gs + j // num_branches)
+                roots.append(g * gs + (j * gs) // quota)  # spread root-major (uniform: j // K)
                 positions.append(-1)
                 codes.append(5)
             continue
@@ -262,3 +272,111 @@ def _pick_points(tier, primary, secondary, candidates, gs: int, quotas: list[int
 def _allocate_uniform(num_groups: int, group_size: int, num_branches: int) -> list[int]:
     """B points per root: each group of ``group_size`` roots gets ``group_size·B`` (the paper's allocation)."""
     return [group_size * num_branches] * num_groups
+
+
+def _checked_counts(rule, rewards, candidates, group_size: int, num_branches: int) -> list[int]:
+    """Per-root counts of an allocation that reads the roots' rewards, checked to keep P = B·K."""
+    B = candidates.shape[0]
+    if rewards is None:
+        raise ValueError(f"allocation {rule.name!r} needs `rewards`: the (B,) scalar reward of each root.")
+    _check_tensor("rewards", rewards, 1)
+    _check_floating(rewards=rewards)
+    if rewards.shape[0] != B:
+        raise ValueError(f"`rewards` has {rewards.shape[0]} rows, expected one per root ({B}).")
+    if group_size < 1 or B % group_size:
+        raise ValueError(f"`group_size` must be >= 1 and divide the number of rows {B}, got {group_size}.")
+    counts = [int(c) for c in rule(rewards.detach().cpu().double(), group_size, num_branches)]
+    if len(counts) != B or sum(counts) != B * num_branches or min(counts) < 0:
+        raise ValueError(f"allocation {rule.name!r} returned {len(counts)} counts summing to {sum(counts)}; "
+                         f"expected {B} non-negative counts summing to {B * num_branches}.")
+    return counts
+
+
+def _largest_remainder(total: int, weights: torch.Tensor, tie_key: torch.Tensor) -> torch.Tensor:
+    """Integers ∝ ``weights`` (≥ 0, not all 0) summing to ``total`` (Hamilton's rule): floors, then one more each
+    to the largest remainders, ties to the smaller ``tie_key`` then the lower index."""
+    share = total * weights / weights.sum()
+    base = share.floor().long()
+    left = total - int(base.sum())
+    if left:
+        rem = share - base.double()
+        order = sorted(range(len(weights)), key=lambda i: (-round(float(rem[i]), 12), float(tie_key[i]), i))
+        base[order[:left]] += 1
+    return base
+
+
+NEED_FLOOR = 0.25
+"""``need``: a prompt whose rewards are split as widely as the batch allows gets this fraction of the branches of a
+prompt whose rewards all agree."""
+
+
+def need_allocation(rewards: torch.Tensor, group_size: int, num_branches: int, *,
+                    floor: float = NEED_FLOOR, atol: float = 1e-6) -> torch.Tensor:
+    """Branches where they are needed (docs/algorithm.md §9, after DEEP-GRPO / DATPO): (R,) long counts per root,
+    summing to R·K, for R = G·N roots in contiguous prompt groups of N = ``group_size``.
+
+    1. Spread of group g: V_g = Var_g(r) / ((max r − min r)/2)², the variance of its N rewards relative to the
+       largest variance rewards in this batch's range can have (0: all agree, so GRPO learns nothing from g;
+       1: half at each end of the range). Every V_g = 0 when the whole batch agrees.
+    2. Group quotas ∝ w_g = 1 − (1 − floor)·V_g (1 for an all-agreeing group, ``floor`` for a widest split),
+       rounded by largest remainder to the fixed total R·K (ties: lower group).
+    3. Within a group, its quota ∝ u_i = 2 for a failed root (reward below the group's best), 1 otherwise (every
+       root of an agreeing group), by largest remainder (ties: lower reward, then lower index); the selection
+       criterion then puts a root's branches at its highest-scoring points.
+
+    Args:
+        rewards: (R,) floating, each root's scalar reward (weighted sum over reward functions), finite.
+        group_size: N ≥ 1 roots per prompt; R % N == 0.
+        num_branches: K ≥ 0, the uniform rule's branches per root (the budget: R·K in all).
+    Returns: (R,) long on CPU.
+    """
+    _check_tensor("rewards", rewards, 1)
+    _check_floating(rewards=rewards)
+    if not torch.isfinite(rewards).all():
+        raise ValueError("`rewards` must be finite (weighted sums of the roots' rewards).")
+    R = rewards.shape[0]
+    if group_size < 1 or R % group_size:
+        raise ValueError(f"`group_size` must be >= 1 and divide the number of roots {R}, got {group_size}.")
+    if not 0.0 < floor <= 1.0:
+        raise ValueError(f"`floor` must be in (0, 1], got {floor}.")
+    r = rewards.detach().cpu().double()
+    G, total = R // group_size, R * num_branches
+    if total == 0:
+        return torch.zeros(R, dtype=torch.long)
+    groups = r.view(G, group_size)
+    span = float(r.max() - r.min())
+    if span <= atol:
+        spread = torch.zeros(G, dtype=torch.float64)
+    else:
+        spread = (groups.var(dim=1, unbiased=False) / (span / 2) ** 2).clamp(0.0, 1.0)
+    quotas = _largest_remainder(total, 1.0 - (1.0 - floor) * spread, torch.zeros(G))
+    counts = torch.zeros(R, dtype=torch.long)
+    for g in range(G):
+        rg = groups[g]
+        failed = rg < rg.max() - atol
+        counts[g * group_size : (g + 1) * group_size] = _largest_remainder(
+            int(quotas[g]), torch.where(failed, 2.0, 1.0).double(), rg)
+    return counts
+
+
+def groups_all_equal(rewards: torch.Tensor, group: torch.Tensor, num_groups: int, *,
+                     atol: float = 1e-6) -> torch.Tensor:
+    """(G,) bool: every reward of prompt group g agrees (max − min ≤ ``atol``), the groups GRPO learns nothing from.
+
+    Args: rewards (X,) floating; group (X,) long in [0, G), each value's prompt group (a group with no value
+    counts as agreeing); num_groups: G.
+    """
+    _check_tensor("rewards", rewards, 1)
+    _check_same_shape("rewards", rewards, group=group)
+    r = rewards.double()
+    hi = torch.full((num_groups,), -torch.inf, dtype=torch.float64, device=r.device).scatter_reduce(
+        0, group, r, reduce="amax")
+    lo = torch.full((num_groups,), torch.inf, dtype=torch.float64, device=r.device).scatter_reduce(
+        0, group, r, reduce="amin")
+    return (hi - lo <= atol) | (hi < lo)
+
+
+@register_allocation("need", needs_rewards=True)
+def _allocate_need(rewards: torch.Tensor, group_size: int, num_branches: int) -> list[int]:
+    """Branches where needed: more to prompts whose roots' rewards all agree, failed roots first (§9)."""
+    return need_allocation(rewards, group_size, num_branches).tolist()

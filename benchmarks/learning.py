@@ -29,7 +29,7 @@ first wrong token is known from the gold transcript, `trl_appo.tasks.first_wrong
 Variant `grpo_2xm` is GRPO at twice the budget M (the reference); `--lr 1e-4,2e-4,4e-4` runs each learning rate;
 runs are named `<variant>__m<M>__lr<lr>` under `results/learning_<regime>/`, and the report adds Pass@4, Δ at
 equal decoded tokens, tool calls per step and a best-learning-rate table (chosen on the training reward).
-`--calibrate` measures a regime's warm start only (`results/calibration.json`).
+`--calibrate` measures a regime's warm start only (`results/calibration_regimes.json`).
 
 Each run writes `results/learning/<variant>__seed<k>.json`; existing runs are skipped (`--force` reruns), so the
 grid can be grown run by run; `--report` aggregates whatever is there into `results/learning.json`, the markdown
@@ -168,6 +168,8 @@ class Settings:
 # `4163 *99 -28669 +91288 ...` evaluated left to right with one `<python>r=...\nprint(r)</python>` call per
 # operation, each copying the previous call's output (trl_appo.tasks.chain_tasks); binary reward (1 if the boxed
 # answer is the chain's value, else 0). The SFT warm start sees chains of 1 to 6 calls; its length sets the start.
+# NOT CALIBRATED YET: 400 and 1000 SFT steps both start `deep` at Pass@1 0 % (the model does not copy digits yet);
+# see "Regimes where trees should win" in benchmarks/README.md before running the grid.
 REGIMES: dict[str, dict[str, Any]] = {
     "tiny": {},
     # deep chain, tight budget: 6 dependent calls, ~136 model-written tokens (~207 with tool output) per rollout;
@@ -859,7 +861,8 @@ def write_report(runs_dir: Path, json_path: Path, png_path: Path, readme: Path |
 def calibrate(s: Settings, cache_dir: Path, out_path: Path, samples: int = 8, oracle_prompts: int = 100) -> dict:
     """The warm start of a regime, measured: held-out Pass@1/4/8 over `samples` samples per prompt, the fraction
     of prompts with no correct sample, and (chain regimes) where failed rollouts first leave the gold transcript
-    (`trl_appo.tasks.first_wrong_token`: the oracle branch point). Merged into `out_path` under the regime."""
+    (`trl_appo.tasks.first_wrong_token`: the oracle branch point). Merged into `out_path` under
+    `<regime>__sft<steps>__heldout<n>`."""
     _setup_process()
     import torch
 
@@ -919,7 +922,7 @@ def calibrate(s: Settings, cache_dir: Path, out_path: Path, samples: int = 8, or
                                     "segment_counts": dict(sorted(where.items()))}
     rec["seconds"] = time.perf_counter() - t0
     data_all = json.loads(out_path.read_text()) if out_path.exists() else {}
-    data_all[s.regime] = rec
+    data_all[f"{s.regime}__sft{s.sft_steps}__heldout{s.heldout}"] = rec
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(data_all, indent=1))
     print(json.dumps(rec, indent=1))
@@ -969,7 +972,7 @@ def main(argv=None) -> int:
         run_one(a._run[0], int(a._run[1]), s, a.cache_dir, runs_dir / f"{label}__seed{a._run[1]}.json", lr=lrs[0])
         return 0
     if a.calibrate:
-        calibrate(s, a.cache_dir, a.results_dir / f"calibration{suffix}.json", samples=2 if a.quick else 8,
+        calibrate(s, a.cache_dir, a.results_dir / f"calibration_regimes{suffix}.json", samples=2 if a.quick else 8,
                   oracle_prompts=2 if a.quick else 100)
         return 0
     default = DEFAULT_GRID if a.regime == "tiny" else ("grpo", "grpo_2xm")

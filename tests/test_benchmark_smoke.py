@@ -143,6 +143,6 @@ learning.main(["--quick", "--regime", "oracle", "--calibrate", "--results-dir", 
             assert run["curve"][-1]["decoded_tokens"] > 0  # the roots' decoded tokens reached the report
         assert set(agg["best_lr"]) == {"grpo__m2", "grpo_2xm__m2"}
         assert (tmp_path / f"learning_curves_{regime}_quick.png").stat().st_size > 0
-    cal = json.loads((tmp_path / "calibration_quick.json").read_text())["oracle"]
+    cal = json.loads((tmp_path / "calibration_regimes_quick.json").read_text())["oracle__sft10__heldout2"]
     assert 0.0 <= cal["heldout"]["frac_prompts_none_correct"] <= 1.0
     assert cal["first_wrong_token"]["rollouts"] == 4

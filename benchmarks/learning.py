@@ -613,7 +613,8 @@ def run_grid(variants, s: Settings, runs_dir: Path, cache_dir: Path, workers: in
             return f"{label} seed {seed}: done"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_run", v, str(seed), "--out-dir", str(runs_dir),
                "--cache-dir", str(cache_dir), "--regime", s.regime, "--num-generations", str(s.num_generations),
-               "--steps", str(s.steps), "--sft-steps", str(s.sft_steps), "--eval-every", str(s.eval_every),
+               "--steps", str(s.steps), "--sft-steps", str(s.sft_steps), "--sft-lr", repr(s.sft_lr),
+               "--eval-every", str(s.eval_every),
                "--heldout", str(s.heldout),
                "--samples", str(s.samples)] + (["--quick"] if quick else []) + (["--lr", repr(lr)] if lr else [])
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -922,7 +923,8 @@ def calibrate(s: Settings, cache_dir: Path, out_path: Path, samples: int = 8, or
                                     "segment_counts": dict(sorted(where.items()))}
     rec["seconds"] = time.perf_counter() - t0
     data_all = json.loads(out_path.read_text()) if out_path.exists() else {}
-    data_all[f"{s.regime}__sft{s.sft_steps}__heldout{s.heldout}"] = rec
+    lr_tag = "" if s.sft_lr == Settings.sft_lr else f"__sftlr{s.sft_lr:g}"
+    data_all[f"{s.regime}__sft{s.sft_steps}{lr_tag}__heldout{s.heldout}"] = rec
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(data_all, indent=1))
     print(json.dumps(rec, indent=1))
@@ -938,6 +940,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default=None, help="comma list (default 0,1,2)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--sft-steps", type=int, default=None, help="warm-start SFT steps (default: the regime's)")
+    p.add_argument("--sft-lr", type=float, default=None, help="warm-start SFT peak learning rate (default 2e-3)")
     p.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every this many steps")
     p.add_argument("--heldout", type=int, default=None, help="held-out prompts (default 200)")
     p.add_argument("--samples", type=int, default=None, help="held-out samples per prompt (default 4)")
@@ -960,7 +963,7 @@ def main(argv=None) -> int:
         s = replace(s, steps=a.steps)
     if a.num_generations:
         s = replace(s, num_generations=a.num_generations)
-    for key in ("sft_steps", "eval_every", "heldout", "samples"):
+    for key in ("sft_steps", "sft_lr", "eval_every", "heldout", "samples"):
         if getattr(a, key):
             s = replace(s, **{key: getattr(a, key)})
     lrs: tuple[float | None, ...] = tuple(float(x) for x in a.lr.split(",")) if a.lr else (None,)

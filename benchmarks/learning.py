@@ -276,7 +276,7 @@ def warm_state(s: Settings, cache_dir: Path, log=print):
         return torch.load(path, weights_only=True)
     tok = tokenizer()
     model = new_model(s, tok, None)
-    if s.regime == "tiny":
+    if getattr(s, "regime", "tiny") == "tiny":  # compare.py passes its own settings (today's task)
         rows = tasks.make_sft_transcripts(s.sft_rows, seed=s.warm_seed + 1)
     else:
         rows = tasks.chain_sft_transcripts(s.sft_rows, seed=s.warm_seed + 1, lengths=s.sft_chain_lengths)

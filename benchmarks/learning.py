@@ -21,10 +21,20 @@ Each (variant, seed) runs in its own process with one torch thread; `workers` pr
 Defaults are to be chosen on the *training* reward (`train_reward_last`, the roots' mean reward over the last
 quarter of training); the held-out figures are what we report.
 
+Regimes (`--regime`, issue 15): beside today's task (`tiny`), three chain tasks where trees should win, designed
+before any APPO result on them (REGIMES below): `deep` (6 dependent tool calls, ~136 model-written tokens per
+rollout, warm start at Pass@1 10-20 %, budgets `--num-generations 4` and `8`), `hard` (a mix of short and long
+chains: 30-50 % of prompts with no correct rollout of 8 at the start) and `oracle` (3 calls; a failed rollout's
+first wrong token is known from the gold transcript, `trl_appo.tasks.first_wrong_token`). Binary final reward.
+Variant `grpo_2xm` is GRPO at twice the budget M (the reference); `--lr 1e-4,2e-4,4e-4` runs each learning rate;
+runs are named `<variant>__m<M>__lr<lr>` under `results/learning_<regime>/`, and the report adds Pass@4, Δ at
+equal decoded tokens, tool calls per step and a best-learning-rate table (chosen on the training reward).
+`--calibrate` measures a regime's warm start only (`results/calibration_regimes.json`).
+
 Each run writes `results/learning/<variant>__seed<k>.json`; existing runs are skipped (`--force` reruns), so the
 grid can be grown run by run; `--report` aggregates whatever is there into `results/learning.json`, the markdown
 table between the `learning` markers of benchmarks/README.md, and `results/learning_curves_v2.png`
-(Pass@1 against optimizer steps, training wall seconds and decoded tokens).
+(Pass@1 against optimizer steps, decoded model tokens, tool calls (new runs) and training wall seconds).
 """
 
 from __future__ import annotations
@@ -79,6 +89,8 @@ for _adv, _extra in (("dual", {"branch_advantage": "dual_group"}),
         f"suffix_{_adv}_m16_n8b1": {**_S, "num_generations": 16, "num_roots": 8},
     })
 VARIANTS["grpo_m16"] = {**GRPO, "num_generations": 16}
+# GRPO at twice the budget M of the run (`--num-generations`): the regimes' upper reference.
+VARIANTS["grpo_2xm"] = {**GRPO, "m_factor": 2}
 # At twice the learning rate (where GRPO learns much more): does APPO's gap persist?
 VARIANTS["appo_paper_lr2x_n4b1"] = {**VARIANTS["appo_paper_n4b1"], "learning_rate": 2e-4}
 VARIANTS["suffix_joint_lr2x_n4b1"] = {**VARIANTS["suffix_joint_n4b1"], "learning_rate": 2e-4}
@@ -124,22 +136,65 @@ class Settings:
     samples: int = 4
     eval_batch: int = 50
     seeds: tuple[int, ...] = (0, 1, 2)
+    # the task (REGIMES): "tiny" is today's `What is a * b?`; the others are chains of dependent tool calls
+    regime: str = "tiny"
+    chain_lengths: tuple[int, ...] = ()  # calls per RL/held-out chain, drawn uniformly
+    sft_chain_lengths: tuple[int, ...] = ()  # calls per SFT transcript (chain regimes)
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(hidden=32, layers=1, sft_steps=10, sft_rows=100, steps=2, n_train=16, eval_every=2, heldout=4,
                    samples=1, eval_batch=4, max_completion_length=24, min_branch_tokens=4, seeds=(0,))
 
+    @classmethod
+    def for_regime(cls, regime: str, quick: bool = False) -> Settings:
+        """The settings of a regime (REGIMES), or its smoke size with `quick`."""
+        if regime not in REGIMES:
+            raise ValueError(f"unknown regime {regime!r}; choose from {sorted(REGIMES)}")
+        kw = dict(REGIMES[regime])
+        if not quick:
+            return cls(regime=regime, **kw)
+        base = asdict(cls.quick())
+        if regime != "tiny":  # the regime's task at smoke size: short chains, few tokens
+            base.update(regime=regime, chain_lengths=(1,), sft_chain_lengths=(1,), max_completion_length=40,
+                        max_tool_calls=1, samples=2, heldout=2, eval_batch=2, n_train=8)
+        return cls(**base)
+
     def warm_key(self) -> str:
         keys = ("hidden", "layers", "sft_steps", "sft_lr", "sft_rows", "warm_seed")
+        if self.regime != "tiny":  # the SFT data (chain regimes with the same SFT share it); tiny's key is unchanged
+            keys += ("sft_chain_lengths",)
         return hashlib.sha1(json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# The regimes where trees should win (issue 15, item 4), designed before any APPO result on them. Each is a chain
+# `4163 *99 -28669 +91288 ...` evaluated left to right with one `<python>r=...\nprint(r)</python>` call per
+# operation, each copying the previous call's output (trl_appo.tasks.chain_tasks); binary reward (1 if the boxed
+# answer is the chain's value, else 0). The SFT warm start sees chains of 1 to 6 calls; its length sets the start.
+# NOT CALIBRATED YET: 400 and 1000 SFT steps both start `deep` at Pass@1 0 % (the model does not copy digits yet);
+# see "Regimes where trees should win" in benchmarks/README.md before running the grid.
+REGIMES: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    # deep chain, tight budget: 6 dependent calls, ~136 model-written tokens (~207 with tool output) per rollout;
+    # warm start aimed at held-out Pass@1 10-20 %. Budgets M = 4 and M = 8 (`--num-generations`).
+    "deep": {"chain_lengths": (6,), "sft_chain_lengths": (1, 2, 3, 4, 5, 6), "sft_steps": 400,
+             "max_completion_length": 256, "max_tool_calls": 6, "eval_every": 50},
+    # hard prompts: a mix of short and long chains where 30-50 % of prompts have no correct rollout of 8 at start
+    "hard": {"chain_lengths": (2, 6), "sft_chain_lengths": (1, 2, 3, 4, 5, 6), "sft_steps": 400,
+             "max_completion_length": 256, "max_tool_calls": 6, "eval_every": 50},
+    # known decision point: 3 dependent calls; a failed rollout's first wrong token is where its text leaves the
+    # gold transcript (trl_appo.tasks.first_wrong_token), the oracle branch point
+    "oracle": {"chain_lengths": (3,), "sft_chain_lengths": (1, 2, 3, 4, 5, 6), "sft_steps": 400,
+               "max_completion_length": 128, "max_tool_calls": 3, "eval_every": 50},
+}
 
 
 # ------------------------------------------------------------------------------------------------ the task's tool
 
 
 class ArithmeticPython:
-    """The `python` tool of this benchmark: runs `print(<integer arithmetic>)` programs in-process.
+    """The `python` tool of this benchmark: runs `print(<integer arithmetic>)` programs in-process, with plain
+    assignments (`r=3471*29` then `print(r)`) for the chain regimes.
 
     Anything else (names, calls other than print, non-integer constants) is an error the model sees, as a failing
     program would be in the sandbox.
@@ -148,25 +203,38 @@ class ArithmeticPython:
     _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
             ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b}
 
-    def _eval(self, node):
+    def _eval(self, node, env):
         if isinstance(node, ast.Constant) and type(node.value) is int:
             return node.value
+        if isinstance(node, ast.Name) and node.id in env:
+            return env[node.id]
         if isinstance(node, ast.BinOp) and type(node.op) in self._OPS:
-            return self._OPS[type(node.op)](self._eval(node.left), self._eval(node.right))
+            return self._OPS[type(node.op)](self._eval(node.left, env), self._eval(node.right, env))
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -self._eval(node.operand)
+            return -self._eval(node.operand, env)
         raise ValueError("unsupported expression")
 
+    def __init__(self):
+        import threading
+
+        self.calls = 0  # how many programs ran: the benchmark's own count of tool calls
+        self._lock = threading.Lock()
+
     def __call__(self, code: str) -> str:
+        with self._lock:
+            self.calls += 1
         try:
             tree = ast.parse(code.strip(), mode="exec")
-            out = []
+            out, env = [], {}
             for stmt in tree.body:
+                if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+                    env[stmt.targets[0].id] = self._eval(stmt.value, env)
+                    continue
                 call = stmt.value if isinstance(stmt, ast.Expr) else None
                 if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "print" and len(call.args) == 1:
-                    out.append(str(self._eval(call.args[0])))
+                    out.append(str(self._eval(call.args[0], env)))
                 elif call is not None:
-                    out.append(str(self._eval(call)))
+                    out.append(str(self._eval(call, env)))
                 else:
                     raise ValueError("unsupported statement")
             return "\n".join(out)
@@ -174,10 +242,10 @@ class ArithmeticPython:
             return f"Error: {type(e).__name__}: {e}"
 
 
-def make_tool():
+def make_tool(fn: ArithmeticPython | None = None):
     from trl_appo.tools import Tool
 
-    return Tool(ArithmeticPython(), name="python", description="Run a Python program that prints a number.")
+    return Tool(fn or ArithmeticPython(), name="python", description="Run a Python program that prints a number.")
 
 
 # ------------------------------------------------------------------------------------------------ one run
@@ -211,7 +279,10 @@ def warm_state(s: Settings, cache_dir: Path, log=print):
         return torch.load(path, weights_only=True)
     tok = tokenizer()
     model = new_model(s, tok, None)
-    rows = tasks.make_sft_transcripts(s.sft_rows, seed=s.warm_seed + 1)
+    if getattr(s, "regime", "tiny") == "tiny":  # compare.py passes its own settings (today's task)
+        rows = tasks.make_sft_transcripts(s.sft_rows, seed=s.warm_seed + 1)
+    else:
+        rows = tasks.chain_sft_transcripts(s.sft_rows, seed=s.warm_seed + 1, lengths=s.sft_chain_lengths)
     examples = [
         tag_transcript_example(tok, tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False),
                                r["completion"][0]["content"])
@@ -248,7 +319,54 @@ def new_model(s: Settings, tok, state):
     return model
 
 
+def task_data(s: Settings):
+    """The regime's `DatasetDict(train, heldout)` (fixed: seed 0, split by a hash of the question)."""
+    from trl_appo import tasks
+
+    if s.regime == "tiny":
+        return tasks.make_tiny_tasks(s.n_train, s.heldout, seed=0)
+    return tasks.make_chain_tasks(s.n_train, s.heldout, seed=0, lengths=s.chain_lengths)
+
+
+def binary_answer_reward(prompts=None, completions=None, completion_ids=None, ground_truth=None, **kwargs):
+    r"""1.0 when the last `\boxed{}` answer is exactly the gold number, else 0.0 (format included): the chain
+    regimes' binary final reward."""
+    from trl_appo.rewards import extract_answer
+
+    return [float(extract_answer(c).strip() == str(g).strip()) for c, g in zip(completions, ground_truth)]
+
+
+def reward_fn(s: Settings):
+    if s.regime == "tiny":
+        from trl_appo.rewards import format_answer_type_reward
+
+        return format_answer_type_reward
+    return binary_answer_reward
+
+
 _RESULT_RE = re.compile(r"<result>\s*(.*?)\s*</result>", re.S)
+_CALL_RE = re.compile(r"<python>(.*?)</python>", re.S)
+
+
+def chain_failure_mode(text: str, score: float | None, row: dict[str, Any]) -> str:
+    """Where a chain rollout went wrong: correct, format (no boxed answer), tool_error, wrong_step (a call
+    computed something other than the gold's step), few_calls (stopped early), miscopy (answer != last result)."""
+    from trl_appo.rewards import extract_answer, last_boxed
+
+    if score is not None and score >= 1.0:
+        return "correct"
+    results = [r.strip() for r in _RESULT_RE.findall(text)]
+    gold_steps = row.get("_gold_outputs") or []
+    if any(r.startswith("Error") for r in results):
+        return "tool_error"
+    for got, want in zip(results, gold_steps):
+        if got != want:
+            return "wrong_step"
+    if last_boxed(text) is None:
+        return "format"
+    if len(results) < len(gold_steps):
+        return "few_calls"
+    return "miscopy" if extract_answer(text).strip() != str(row["ground_truth"]).strip() else "other"
 
 
 def failure_mode(text: str, score: float | None, gold: str) -> str:
@@ -269,50 +387,123 @@ def failure_mode(text: str, score: float | None, gold: str) -> str:
     return "miscopy" if extract_answer(text).strip() != str(gold).strip() else "other"
 
 
-def heldout_eval(model, tok, data, s: Settings, eval_seed: int) -> dict[str, Any]:
+def heldout_eval(model, tok, data, s: Settings, eval_seed: int, samples: int | None = None) -> dict[str, Any]:
     import torch
 
-    from trl_appo.evaluation import evaluate, make_hf_generate_fn
-    from trl_appo.rewards import format_answer_type_reward
+    from trl_appo.evaluation import evaluate
     from trl_appo.rollout import eos_token_ids_of
 
+    n = samples or s.samples
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(eval_seed)
         res = evaluate(
-            data, generate_fn=make_hf_generate_fn(model, tok, temperature=1.0), tokenizer=tok,
-            protocol="tags", tools=[make_tool()], eos_token_ids=eos_token_ids_of(model, tok), n=s.samples, ks=(1,),
-            score_fn=format_answer_type_reward,
-            threshold=1.0, batch_size=s.eval_batch, max_completion_length=s.max_completion_length,
-            max_tool_calls=s.max_tool_calls, temperature=1.0,
+            data, generate_fn=eval_generate_fn(model, tok, s), tokenizer=tok,
+            protocol="tags", tools=[make_tool()], eos_token_ids=eos_token_ids_of(model, tok), n=n,
+            ks=sorted({1, min(4, n), n}), score_fn=reward_fn(s), threshold=1.0, batch_size=s.eval_batch,
+            max_completion_length=s.max_completion_length, max_tool_calls=s.max_tool_calls, temperature=1.0,
         )
     modes: dict[str, int] = {}
+    rows = _rows_with_gold(data, s)
     for x in res.samples:
-        m = failure_mode(x.get("text", ""), x["score"], data[x["prompt_index"]]["ground_truth"])
+        row = rows[x["prompt_index"]]
+        if s.regime == "tiny":
+            m = failure_mode(x.get("text", ""), x["score"], row["ground_truth"])
+        else:
+            m = chain_failure_mode(x.get("text", ""), x["score"], row)
         modes[m] = modes.get(m, 0) + 1
-    return {"pass@1": res.overall.pass_at[1], "mean_reward": res.overall.mean_score, "failure_modes": modes,
-            "tool_calls_per_rollout": res.overall.tool_calls_per_rollout, "seconds": time.perf_counter() - t0}
+    correct_per_prompt = [0] * len(rows)
+    for x in res.samples:
+        correct_per_prompt[x["prompt_index"]] += bool(x["correct"])
+    out = {"pass@1": res.overall.pass_at[1], "mean_reward": res.overall.mean_score, "failure_modes": modes,
+           "tool_calls_per_rollout": res.overall.tool_calls_per_rollout,
+           "completion_tokens_per_rollout": statistics.fmean(x["completion_tokens"] for x in res.samples),
+           "frac_prompts_none_correct": sum(c == 0 for c in correct_per_prompt) / len(rows),
+           "samples": n, "seconds": time.perf_counter() - t0}
+    for k in res.overall.pass_at:
+        out[f"pass@{k}"] = res.overall.pass_at[k]
+    if s.regime != "tiny" and len(s.chain_lengths) > 1:  # Pass@1 per chain length (the hard regime's mix)
+        by_len: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            by_len.setdefault(len(row["_gold_outputs"]), []).append(correct_per_prompt[i])
+        out["pass@1_by_length"] = {str(k): sum(v) / (n * len(v)) for k, v in sorted(by_len.items())}
+        out["frac_none_correct_by_length"] = {str(k): sum(c == 0 for c in v) / len(v)
+                                              for k, v in sorted(by_len.items())}
+    out["_samples"] = res.samples  # dropped before saving; calibration reads it
+    return out
 
 
-def run_one(variant: str, seed: int, s: Settings, cache_dir: Path, out_path: Path) -> dict[str, Any]:
-    """Train one (variant, seed) and evaluate it every `eval_every` steps; write the run's JSON."""
+def eval_generate_fn(model, tok, s: Settings):
+    """`make_hf_generate_fn` at T = 1; for the chain regimes each model turn also stops at `</python>`.
+
+    `model.generate` stops only at end-of-sequence ids, so without this every turn decodes the whole remaining
+    budget and the engine throws away everything after `</python>`: with 6 calls and a 256-token budget that is
+    several times the decoding (the same samples in distribution, a fraction of the time). Today's `tiny` task
+    keeps the plain function, so its committed runs stay reproducible.
+    """
+    from trl_appo.evaluation import make_hf_generate_fn
+
+    if s.regime == "tiny":
+        return make_hf_generate_fn(model, tok, temperature=1.0)
+    config = model.generation_config
+    old = config.eos_token_id
+    eos = list(old if isinstance(old, (list, tuple)) else [old if old is not None else tok.eos_token_id])
+    config.eos_token_id = eos + tok.convert_tokens_to_ids(["</python>", "</search>"])
+    try:
+        return make_hf_generate_fn(model, tok, temperature=1.0)  # reads the stop ids now
+    finally:
+        config.eos_token_id = old
+
+
+def _rows_with_gold(data, s: Settings) -> list[dict[str, Any]]:
+    """Held-out rows with each chain's gold step outputs (recomputed from the question: left to right)."""
+    rows = [dict(r) for r in data]
+    if s.regime != "tiny":
+        for r in rows:
+            q = r["prompt"][-1]["content"] if isinstance(r["prompt"], list) else r["prompt"]
+            tokens = q.replace("=", "").split()
+            value, outs = int(tokens[0]), []
+            for t in tokens[1:]:
+                op, x = t[0], int(t[1:])
+                value = value * x if op == "*" else value + x if op == "+" else value - x
+                outs.append(str(value))
+            r["_gold_outputs"] = outs
+    return rows
+
+
+def run_label(variant: str, s: Settings, lr: float | None = None) -> str:
+    """A run's name: the variant for today's task at its defaults; `<variant>__m<M>__lr<lr>` for the regimes."""
+    if s.regime == "tiny" and lr is None and s.num_generations == Settings.num_generations:
+        return variant
+    lr = lr if lr is not None else VARIANTS[variant].get("learning_rate", s.learning_rate)
+    return f"{variant}__m{s.num_generations}__lr{lr:g}"
+
+
+def run_one(variant: str, seed: int, s: Settings, cache_dir: Path, out_path: Path,
+            lr: float | None = None) -> dict[str, Any]:
+    """Train one (variant, seed) and evaluate it every `eval_every` steps; write the run's JSON.
+
+    `s.num_generations` is the budget M (full rollouts per prompt); a variant's `m_factor` multiplies it (GRPO at
+    2x M). `lr` (if given) replaces the variant's learning rate.
+    """
     _setup_process()
     import torch
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from trl_appo import tasks
     from trl_appo.demo import _common_args
-    from trl_appo.rewards import format_answer_type_reward
     from trl_appo.trainer import APPOTrainer
 
     tok = tokenizer()
     state = warm_state(s, cache_dir)
-    data = tasks.make_tiny_tasks(s.n_train, s.heldout, seed=0)
-    kw = {**MEASURED_WITH, **VARIANTS[variant]}
-    M = kw.pop("num_generations", s.num_generations)
+    data = task_data(s)
+    # Today's task keeps the settings its committed runs were measured with; the regimes run the library defaults.
+    kw = {**(MEASURED_WITH if s.regime == "tiny" else {}), **VARIANTS[variant]}
+    M = kw.pop("num_generations", s.num_generations) * kw.pop("m_factor", 1)
+    learning_rate = lr if lr is not None else kw.pop("learning_rate", s.learning_rate)
+    kw.pop("learning_rate", None)
     args = _common_args(
-        out_path.parent / f"_work_{variant}_{seed}", seed, learning_rate=kw.pop("learning_rate", s.learning_rate),
+        out_path.parent / f"_work_{out_path.stem}", seed, learning_rate=learning_rate,
         lr_scheduler_type="constant", max_steps=s.steps, num_generations=M,
         per_device_train_batch_size=M * s.prompts_per_step, steps_per_generation=s.steps_per_generation,
         gradient_accumulation_steps=1, max_completion_length=s.max_completion_length,
@@ -321,22 +512,22 @@ def run_one(variant: str, seed: int, s: Settings, cache_dir: Path, out_path: Pat
     )
     torch.manual_seed(seed)
     model = new_model(s, tok, state)
+    counter = ArithmeticPython()  # counts every tool call of training (roots and branches)
     trainer = APPOTrainer(model=model, processing_class=tok, args=args, train_dataset=data["train"],
-                          reward_funcs=[format_answer_type_reward], tools=[make_tool()])
+                          reward_funcs=[reward_fn(s)], tools=[make_tool(counter)])
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     curve: list[dict[str, Any]] = []
     clock = {"train": 0.0, "t": 0.0}
-
-    def decoded(history) -> float:
-        keys = ("appo/root/decoded_tokens", "appo/branch/decoded_tokens")
-        return float(sum(e.get(k, 0.0) for e in history for k in keys if isinstance(e.get(k), (int, float))))
+    label = run_label(variant, s, lr)
 
     def record(step: int) -> None:
         ev = heldout_eval(trainer.model, tok, data["heldout"], s, eval_seed=10_000 + seed)
-        curve.append({"step": step, "train_seconds": clock["train"], "decoded_tokens": decoded(trainer.state.log_history),
-                      **ev})
-        print(f"[{variant} seed {seed}] step {step:4d} pass@1 {ev['pass@1']:.3f} reward {ev['mean_reward']:+.3f} "
+        ev.pop("_samples")
+        hist = trainer.state.log_history
+        curve.append({"step": step, "train_seconds": clock["train"], "decoded_tokens": decoded_tokens(hist),
+                      "tool_calls": counter.calls, "tool_calls_logged": logged_tool_calls(hist, args), **ev})
+        print(f"[{label} seed {seed}] step {step:4d} pass@1 {ev['pass@1']:.3f} reward {ev['mean_reward']:+.3f} "
               f"train {clock['train']:.0f} s (eval {ev['seconds']:.0f} s)", flush=True)
 
     class Clock(TrainerCallback):
@@ -357,11 +548,13 @@ def run_one(variant: str, seed: int, s: Settings, cache_dir: Path, out_path: Pat
     rewards = [e["reward"] for e in hist if isinstance(e.get("reward"), (int, float))]
     tail = rewards[-max(1, len(rewards) // 4):]
     out = {
-        "variant": variant, "seed": seed, "overrides": VARIANTS[variant], "num_generations": M,
+        "variant": variant, "label": label, "seed": seed, "regime": s.regime, "overrides": VARIANTS[variant],
+        "num_generations": M, "budget_m": s.num_generations, "learning_rate": learning_rate,
         "settings": asdict(s), "curve": curve,
         "train_reward_last": statistics.fmean(tail) if tail else math.nan,
         "train_seconds_per_step": clock["train"] / s.steps,
-        "decoded_tokens_per_step": decoded(hist) / s.steps,
+        "decoded_tokens_per_step": decoded_tokens(hist) / s.steps,
+        "tool_calls_per_step": counter.calls / s.steps,
         "appo_metrics": _metric_means(hist),
         "machine": {"python": platform.python_version(), "torch_threads": torch.get_num_threads(),
                     "cpus": os.cpu_count()},
@@ -370,6 +563,27 @@ def run_one(variant: str, seed: int, s: Settings, cache_dir: Path, out_path: Pat
     tmp.write_text(json.dumps(out, indent=1))
     os.replace(tmp, out_path)
     return out
+
+
+def decoded_tokens(history) -> float:
+    """Decoded model tokens so far (roots and branches), from the trainer's per-generation-call sums.
+
+    `appo/root/decoded_tokens` and `appo/branch/decoded_tokens` are appended once per generation call and averaged
+    over a logging window by TRL, so their sum over the log is the total only with `logging_steps=1` (set here)
+    and at most one call of each kind per optimizer step.
+    """
+    keys = ("appo/root/decoded_tokens", "appo/branch/decoded_tokens")
+    return float(sum(e.get(k, 0.0) for e in history for k in keys if isinstance(e.get(k), (int, float))))
+
+
+def logged_tool_calls(history, args) -> float:
+    """The roots' tool calls as far as the log tells: `appo/root/tool_calls_per_rollout` times the roots of one
+    generation batch. Branch calls cannot be recovered from the log (no branch count is logged); the benchmark
+    counts every call in its tool instead (`tool_calls`)."""
+    roots = (getattr(args, "num_roots", None) or args.num_generations) * args.per_device_train_batch_size \
+        * args.steps_per_generation // args.num_generations
+    key = "appo/root/tool_calls_per_rollout"
+    return float(sum(e[key] * roots for e in history if isinstance(e.get(key), (int, float))))
 
 
 def _metric_means(history) -> dict[str, float]:
@@ -385,30 +599,43 @@ def _metric_means(history) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------ the grid
 
 
-def run_grid(variants, s: Settings, runs_dir: Path, cache_dir: Path, workers: int, force: bool, quick: bool) -> None:
+def run_grid(variants, s: Settings, runs_dir: Path, cache_dir: Path, workers: int, force: bool, quick: bool,
+             lrs: tuple[float | None, ...] = (None,)) -> None:
     _setup_process()
     warm_state(s, cache_dir)  # once, before the workers start
-    jobs = [(v, seed) for seed in s.seeds for v in variants]
+    jobs = [(v, seed, lr) for seed in s.seeds for lr in lrs for v in variants]
     runs_dir.mkdir(parents=True, exist_ok=True)
 
     def launch(job):
-        v, seed = job
-        path = runs_dir / f"{v}__seed{seed}.json"
+        v, seed, lr = job
+        label = run_label(v, s, lr)
+        path = runs_dir / f"{label}__seed{seed}.json"
         if path.exists() and not force:
-            return f"{v} seed {seed}: kept"
+            return f"{label} seed {seed}: kept"
+        if workers == 0:  # in this process, one run after another (smoke tests: one import of TRL for all)
+            run_one(v, seed, s, cache_dir, path, lr=lr)
+            return f"{label} seed {seed}: done"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_run", v, str(seed), "--out-dir", str(runs_dir),
-               "--cache-dir", str(cache_dir)] + (["--quick"] if quick else [])
+               "--cache-dir", str(cache_dir), "--regime", s.regime, "--num-generations", str(s.num_generations),
+               "--steps", str(s.steps), "--sft-steps", str(s.sft_steps), "--sft-lr", repr(s.sft_lr),
+               "--eval-every", str(s.eval_every),
+               "--heldout", str(s.heldout),
+               "--samples", str(s.samples)] + (["--quick"] if quick else []) + (["--lr", repr(lr)] if lr else [])
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         t0 = time.perf_counter()
-        log = runs_dir / f"{v}__seed{seed}.log"
+        log = runs_dir / f"{label}__seed{seed}.log"
         with open(log, "w") as f:
             rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-        msg = f"{v} seed {seed}: rc {rc} in {time.perf_counter() - t0:.0f} s"
+        msg = f"{label} seed {seed}: rc {rc} in {time.perf_counter() - t0:.0f} s"
         print(msg, flush=True)
         if rc:
             print(log.read_text()[-3000:], flush=True)
         return msg
 
+    if workers == 0:
+        for job in jobs:
+            print(launch(job), flush=True)
+        return
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(launch, jobs))
 
@@ -430,18 +657,48 @@ def _baseline(variant: str, num_generations: int) -> str:
     return "grpo"
 
 
+def _label(r: dict[str, Any]) -> str:
+    return r.get("label", r["variant"])
+
+
+def _baseline_label(r: dict[str, Any]) -> str:
+    """The GRPO run a run is paired with: same budget M, same learning rate (same seed)."""
+    if "__m" in _label(r):
+        return f"grpo__m{r['budget_m']}__lr{r['learning_rate']:g}"
+    return _baseline(r["variant"], r["num_generations"])
+
+
+def _interp(xs: list[float], ys: list[float], x: float) -> float | None:
+    """y at x on the piecewise-linear curve (xs increasing); None past the curve's end (no extrapolation)."""
+    if not xs or x > xs[-1] * (1 + 1e-9):
+        return None
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return ys[-1]
+
+
 def aggregate(runs_dir: Path) -> dict[str, Any]:
     runs = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*__seed*.json"))]
     by: dict[str, list[dict]] = {}
     for r in runs:
-        by.setdefault(r["variant"], []).append(r)
+        by.setdefault(_label(r), []).append(r)
     table = {}
     for v, rs in by.items():
         rs.sort(key=lambda r: r["seed"])
         final = [r["curve"][-1]["pass@1"] for r in rs]
         start = [r["curve"][0]["pass@1"] for r in rs]
-        base_s = {r["seed"]: r for r in by.get(_baseline(v, rs[0]["num_generations"]), [])}
+        base_s = {r["seed"]: r for r in by.get(_baseline_label(rs[0]), [])}
         diffs = [r["curve"][-1]["pass@1"] - base_s[r["seed"]]["curve"][-1]["pass@1"] for r in rs if r["seed"] in base_s]
+        # Equal decoded tokens: the paired GRPO run's Pass@1 when it had decoded as many tokens as this run in all.
+        eq_tok = []
+        for r in rs:
+            b = base_s.get(r["seed"])
+            if b is not None:
+                at = _interp([c["decoded_tokens"] for c in b["curve"]], [c["pass@1"] for c in b["curve"]],
+                             r["curve"][-1]["decoded_tokens"])
+                if at is not None:
+                    eq_tok.append(r["curve"][-1]["pass@1"] - at)
         modes: dict[str, float] = {}
         for r in rs:
             fm = r["curve"][-1]["failure_modes"]
@@ -451,19 +708,42 @@ def aggregate(runs_dir: Path) -> dict[str, Any]:
         steps = [r["curve"][-1]["step"] for r in rs]
         grpo_wall = [base_s[r["seed"]]["train_seconds_per_step"] for r in rs if r["seed"] in base_s]
         table[v] = {
-            "seeds": [r["seed"] for r in rs], "M": rs[0]["num_generations"], "steps": max(steps),
-            "overrides": rs[0]["overrides"],
+            "variant": rs[0]["variant"], "seeds": [r["seed"] for r in rs], "M": rs[0]["num_generations"],
+            "budget_m": rs[0].get("budget_m", rs[0]["num_generations"]), "learning_rate": rs[0].get("learning_rate"),
+            "steps": max(steps), "overrides": rs[0]["overrides"],
             "pass1_start": _mean_std(start), "pass1_final": _mean_std(final), "pass1_final_per_seed": final,
+            "pass4_final": _mean_std([r["curve"][-1].get("pass@4", math.nan) for r in rs]),
             "gain": _mean_std([f - s0 for f, s0 in zip(final, start)]),
             "diff_vs_grpo_same_M": _mean_std(diffs), "diff_vs_grpo_per_seed": diffs,
+            "diff_vs_grpo_equal_decoded_tokens": _mean_std(eq_tok), "diff_vs_grpo_equal_tokens_per_seed": eq_tok,
             "train_reward_last": _mean_std([r["train_reward_last"] for r in rs]),
             "seconds_per_step": _mean_std([r["train_seconds_per_step"] for r in rs]),
             "wall_ratio_vs_grpo": (statistics.fmean(r["train_seconds_per_step"] for r in rs)
                                    / statistics.fmean(grpo_wall)) if grpo_wall else math.nan,
             "decoded_tokens_per_step": _mean_std([r["decoded_tokens_per_step"] for r in rs]),
+            "tool_calls_per_step": _mean_std([r.get("tool_calls_per_step", math.nan) for r in rs]),
             "failure_modes_final": modes,
         }
-    return {"variants": table, "runs": runs}
+    return {"variants": table, "best_lr": best_lr(table), "runs": runs}
+
+
+def best_lr(table: dict[str, Any]) -> dict[str, Any]:
+    """Per (variant, budget M): the learning rate with the highest training reward (last quarter), and its
+    held-out figures; Δ against GRPO at its own best learning rate for the same M (unpaired means)."""
+    groups: dict[tuple[str, int], list[str]] = {}
+    for label, r in table.items():
+        if r.get("learning_rate") is not None and "__m" in label:
+            groups.setdefault((r["variant"], r["budget_m"]), []).append(label)
+    best = {}
+    for (variant, m), labels in groups.items():
+        pick = max(labels, key=lambda lab: table[lab]["train_reward_last"][0])
+        keep = ("learning_rate", "pass1_final", "pass4_final", "train_reward_last", "decoded_tokens_per_step",
+                "seconds_per_step")
+        best[f"{variant}__m{m}"] = {"label": pick, **{k: table[pick][k] for k in keep}}
+    for key, b in best.items():
+        g = best.get(f"grpo__m{key.rsplit('__m', 1)[1]}")
+        b["diff_vs_best_grpo_same_M"] = (b["pass1_final"][0] - g["pass1_final"][0]) if g else math.nan
+    return best
 
 
 def _fmt(ms, scale=100.0, spec=".1f") -> str:
@@ -471,33 +751,65 @@ def _fmt(ms, scale=100.0, spec=".1f") -> str:
     return "n/a" if not math.isfinite(m) else f"{m * scale:{spec}} ± {s * scale:{spec}}"
 
 
-def markdown(agg: dict[str, Any]) -> str:
+def markdown(agg: dict[str, Any], extended: bool = False) -> str:
+    """The tables for README; `extended` (the regimes) adds Pass@4, equal-token Δ and tool calls."""
     t = agg["variants"]
-    order = [v for v in VARIANTS if v in t]
-    lines = [
-        "| variant | M | seeds | held-out Pass@1 start → final (mean ± std, %) | per seed | Δ vs GRPO (same M, lr, seeds) "
-        "| train reward (last ¼) | s/step (ratio to GRPO) | decoded tok/step |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    order = [v for v in VARIANTS if v in t] + sorted(v for v in t if v not in VARIANTS)
+    if extended:
+        lines = [
+            "| run | M | lr | seeds | Pass@1 start → final (%) | Pass@4 final (%) | Δ Pass@1 vs GRPO, equal steps "
+            "| Δ vs GRPO, equal decoded tokens | train reward (last ¼) | s/step (× GRPO) | decoded tok/step "
+            "| tool calls/step |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+    else:
+        lines = [
+            "| variant | M | seeds | held-out Pass@1 start → final (mean ± std, %) | per seed "
+            "| Δ vs GRPO (same M, lr, seeds) | train reward (last ¼) | s/step (ratio to GRPO) | decoded tok/step |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
     for v in order:
         r = t[v]
         per_seed = ", ".join(f"{x * 100:.1f}" for x in r["pass1_final_per_seed"])
-        lines.append(
-            f"| `{v}` | {r['M']} | {len(r['seeds'])} | {_fmt(r['pass1_start'])} → {_fmt(r['pass1_final'])} | {per_seed} "
-            f"| {_fmt(r['diff_vs_grpo_same_M'], spec='+.1f')} | {_fmt(r['train_reward_last'], 1, '+.3f')} "
-            f"| {r['seconds_per_step'][0]:.2f} ({r['wall_ratio_vs_grpo']:.2f}×) | {r['decoded_tokens_per_step'][0]:.0f} |"
-        )
+        if extended:
+            lines.append(
+                f"| `{v}` | {r['M']} | {r['learning_rate']:g} | {len(r['seeds'])} "
+                f"| {_fmt(r['pass1_start'])} → {_fmt(r['pass1_final'])} | {_fmt(r['pass4_final'])} "
+                f"| {_fmt(r['diff_vs_grpo_same_M'], spec='+.1f')} "
+                f"| {_fmt(r['diff_vs_grpo_equal_decoded_tokens'], spec='+.1f')} "
+                f"| {_fmt(r['train_reward_last'], 1, '+.3f')} "
+                f"| {r['seconds_per_step'][0]:.2f} ({r['wall_ratio_vs_grpo']:.2f}×) "
+                f"| {r['decoded_tokens_per_step'][0]:.0f} | {r['tool_calls_per_step'][0]:.1f} |"
+            )
+        else:
+            lines.append(
+                f"| `{v}` | {r['M']} | {len(r['seeds'])} | {_fmt(r['pass1_start'])} → {_fmt(r['pass1_final'])} "
+                f"| {per_seed} "
+                f"| {_fmt(r['diff_vs_grpo_same_M'], spec='+.1f')} | {_fmt(r['train_reward_last'], 1, '+.3f')} "
+                f"| {r['seconds_per_step'][0]:.2f} ({r['wall_ratio_vs_grpo']:.2f}×) "
+                f"| {r['decoded_tokens_per_step'][0]:.0f} |"
+            )
+    if extended and agg.get("best_lr"):
+        lines += ["", "Each method at its best learning rate (chosen on the training reward):", "",
+                  "| method @ budget M | best lr | Pass@1 final (%) | Pass@4 final (%) "
+                  "| Δ Pass@1 vs GRPO at its best lr |",
+                  "|---|---|---|---|---|"]
+        for key, b in sorted(agg["best_lr"].items()):
+            d = b["diff_vs_best_grpo_same_M"]
+            lines.append(f"| `{key}` | {b['learning_rate']:g} | {_fmt(b['pass1_final'])} | {_fmt(b['pass4_final'])} "
+                         f"| {'n/a' if not math.isfinite(d) else f'{d * 100:+.1f}'} |")
+    cols = sorted({c for v in order for c in t[v]["failure_modes_final"]} - {"correct"})
+    cols = ["correct"] + ([c for c in ("format", "no_tool", "tool_error", "wrong_program", "miscopy", "other")]
+                          if not extended else cols)
     lines += ["", "Where the wrong held-out rollouts go wrong at the last evaluation (fraction of all samples, mean over "
-              "seeds):", "", "| variant | correct | format | no_tool | tool_error | wrong_program | miscopy | other |",
-              "|---|---|---|---|---|---|---|---|"]
+              "seeds):", "", "| variant | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for v in order:
         fm = t[v]["failure_modes_final"]
-        cols = ("correct", "format", "no_tool", "tool_error", "wrong_program", "miscopy", "other")
         lines.append(f"| `{v}` | " + " | ".join(f"{fm.get(c, 0.0):.2f}" for c in cols) + " |")
     return "\n".join(lines)
 
 
-def plot(agg: dict[str, Any], path: Path) -> None:
+def plot(agg: dict[str, Any], path: Path, title: str = "tiny tool-use arithmetic, warm-started ~1M model") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -506,37 +818,44 @@ def plot(agg: dict[str, Any], path: Path) -> None:
 
     by: dict[str, list[dict]] = {}
     for r in agg["runs"]:
-        by.setdefault(r["variant"], []).append(r)
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharey=True)
-    shown = [v for v in PLOT_VARIANTS if v in by] or [v for v in VARIANTS if v in by]
+        by.setdefault(_label(r), []).append(r)
+    axes_keys = (("step", "optimizer steps"), ("decoded_tokens", "decoded model tokens"),
+                 ("tool_calls", "tool calls"), ("train_seconds", "training wall seconds (1 thread)"))
+    axes_keys = tuple((k, lab) for k, lab in axes_keys if all(k in r["curve"][0] for r in agg["runs"]))
+    fig, axes = plt.subplots(1, len(axes_keys), figsize=(5.3 * len(axes_keys), 4.8), sharey=True)
+    shown = [v for v in PLOT_VARIANTS if v in by] or list(by)
     for v in shown:
         rs = by[v]
         n = min(len(r["curve"]) for r in rs)
         y = np.array([[c["pass@1"] for c in r["curve"][:n]] for r in rs]) * 100
-        for ax, key in zip(axes, ("step", "train_seconds", "decoded_tokens")):
+        for ax, (key, _) in zip(axes, axes_keys):
             x = np.array([[c[key] for c in r["curve"][:n]] for r in rs]).mean(axis=0)
             ax.plot(x, y.mean(axis=0), marker="o", ms=3, label=f"{v} (n={len(rs)})",
                     lw=2.5 if v.startswith("grpo") else 1.5, ls="--" if v.startswith("grpo") else "-")
             ax.fill_between(x, y.mean(axis=0) - y.std(axis=0), y.mean(axis=0) + y.std(axis=0), alpha=0.12)
-    for ax, label in zip(axes, ("optimizer steps", "training wall seconds (1 thread)", "decoded tokens")):
+    for ax, (_, label) in zip(axes, axes_keys):
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out Pass@1 (%), mean ± std over seeds")
-    axes[2].legend(fontsize=7, loc="lower right")
-    fig.suptitle("APPO vs GRPO at equal budget: tiny tool-use arithmetic, warm-started ~1M model")
+    axes[-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"APPO vs GRPO at equal budget: {title}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_report(runs_dir: Path, json_path: Path, png_path: Path, readme: Path | None) -> str:
+def write_report(runs_dir: Path, json_path: Path, png_path: Path, readme: Path | None, regime: str = "tiny") -> str:
     agg = aggregate(runs_dir)
     json_path.write_text(json.dumps(agg, indent=1))
-    md = markdown(agg)
-    plot(agg, png_path)
+    extended = regime != "tiny"
+    md = markdown(agg, extended=extended)
+    if agg["runs"]:
+        plot(agg, png_path,
+             title=f"regime `{regime}`" if extended else "tiny tool-use arithmetic, warm-started ~1M model")
     if readme is not None and readme.exists():
         text = readme.read_text()
-        begin, end = "<!-- learning:begin -->", "<!-- learning:end -->"
+        tag = "learning" if regime == "tiny" else f"learning-{regime}"
+        begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
         if begin in text and end in text:
             head, rest = text.split(begin, 1)
             _, tail = rest.split(end, 1)
@@ -544,39 +863,136 @@ def write_report(runs_dir: Path, json_path: Path, png_path: Path, readme: Path |
     return md
 
 
+def calibrate(s: Settings, cache_dir: Path, out_path: Path, samples: int = 8, oracle_prompts: int = 100) -> dict:
+    """The warm start of a regime, measured: held-out Pass@1/4/8 over `samples` samples per prompt, the fraction
+    of prompts with no correct sample, and (chain regimes) where failed rollouts first leave the gold transcript
+    (`trl_appo.tasks.first_wrong_token`: the oracle branch point). Merged into `out_path` under
+    `<regime>__sft<steps>__heldout<n>`."""
+    _setup_process()
+    import torch
+
+    from trl_appo import tasks
+    from trl_appo.rollout import TagProtocol
+    from trl_appo.rollout.engine import RolloutEngine
+    from trl_appo.sft import tag_transcript_example
+
+    t0 = time.perf_counter()
+    cached = (cache_dir / f"warm_{s.warm_key()}.pt").exists()
+    state = warm_state(s, cache_dir)
+    sft_seconds = None if cached else time.perf_counter() - t0
+    tok = tokenizer()
+    model = new_model(s, tok, state)
+    model.eval()
+    data = task_data(s)
+    ev = heldout_eval(model, tok, data["heldout"], s, eval_seed=10_000, samples=samples)
+    ev.pop("_samples")
+    rec: dict[str, Any] = {"regime": s.regime, "settings": asdict(s), "warm_key": s.warm_key(),
+                           "sft_seconds": sft_seconds, "heldout": ev}
+    if s.regime != "tiny":
+        held = tasks.chain_tasks(s.heldout, "heldout", 0, s.chain_lengths)
+        prompt_text = [tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False)
+                       for r in data["heldout"]]
+        ex = [tag_transcript_example(tok, p, tasks.ideal_completion(t)) for p, t in zip(prompt_text, held)]
+        rec["gold_tokens"] = {"prompt": statistics.fmean(len(e.prompt_ids) for e in ex),
+                              "model_written": statistics.fmean(sum(e.loss_mask) for e in ex),
+                              "completion_with_tool_output": statistics.fmean(len(e.completion_ids) for e in ex),
+                              "model_written_min": min(sum(e.loss_mask) for e in ex),
+                              "model_written_max": max(sum(e.loss_mask) for e in ex)}
+        engine = RolloutEngine(eval_generate_fn(model, tok, s), tok, TagProtocol(tok), [make_tool()],
+                               max_completion_length=s.max_completion_length, max_tool_calls=s.max_tool_calls)
+        k = min(oracle_prompts, len(held))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(20_000)
+            ids = engine.tokenize_prompts([r["prompt"] for r in data["heldout"].select(range(k))])
+            rollouts = engine.run([x for x in ids for _ in range(2)], group_size=2)
+        where: dict[str, int] = {}
+        rel, failed, found = [], 0, 0
+        for j, r in enumerate(rollouts):
+            task = held[j // 2]
+            gold = tasks.ideal_completion(task) + tok.eos_token
+            if tok.decode(r.completion_ids) == gold:
+                continue
+            failed += 1
+            i = tasks.first_wrong_token(tok, r.completion_ids, r.model_mask, gold)
+            if i is None:
+                continue
+            found += 1
+            rel.append(i / max(1, len(r.completion_ids)))
+            before = tok.decode(r.completion_ids[:i])
+            seg = f"call {before.count('<python>')}" if before.count("<python>") > before.count("</python>") \
+                else ("answer" if "<answer>" in before else "between calls")
+            where[seg] = where.get(seg, 0) + 1
+        rec["first_wrong_token"] = {"rollouts": len(rollouts), "off_gold": failed, "located": found,
+                                    "relative_position_mean": statistics.fmean(rel) if rel else None,
+                                    "segment_counts": dict(sorted(where.items()))}
+    rec["seconds"] = time.perf_counter() - t0
+    data_all = json.loads(out_path.read_text()) if out_path.exists() else {}
+    lr_tag = "" if s.sft_lr == Settings.sft_lr else f"__sftlr{s.sft_lr:g}"
+    data_all[f"{s.regime}__sft{s.sft_steps}{lr_tag}__heldout{s.heldout}"] = rec
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(data_all, indent=1))
+    print(json.dumps(rec, indent=1))
+    return rec
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default=",".join(DEFAULT_GRID), help=f"comma list of {sorted(VARIANTS)}")
+    p.add_argument("--variants", default=None, help=f"comma list of {sorted(VARIANTS)}")
+    p.add_argument("--regime", default="tiny", choices=sorted(REGIMES), help="the task (see REGIMES)")
+    p.add_argument("--num-generations", type=int, default=None, help="the budget M, full rollouts per prompt")
+    p.add_argument("--lr", default=None, help="learning rate(s) replacing the variants' own: a comma list runs each")
     p.add_argument("--seeds", default=None, help="comma list (default 0,1,2)")
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--workers", type=int, default=2, help="runs side by side, one torch thread each")
+    p.add_argument("--sft-steps", type=int, default=None, help="warm-start SFT steps (default: the regime's)")
+    p.add_argument("--sft-lr", type=float, default=None, help="warm-start SFT peak learning rate (default 2e-3)")
+    p.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every this many steps")
+    p.add_argument("--heldout", type=int, default=None, help="held-out prompts (default 200)")
+    p.add_argument("--samples", type=int, default=None, help="held-out samples per prompt (default 4)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="runs side by side, one torch thread each (0: one after another in this process)")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run")
     p.add_argument("--force", action="store_true", help="rerun runs that already have results")
     p.add_argument("--report", action="store_true", help="only aggregate the saved runs")
-    p.add_argument("--out-dir", type=Path, default=None, help="where runs go (default results/learning)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="only measure the regime's warm start (Pass@1/4/8, prompts with 0/8 correct, oracle points)")
+    p.add_argument("--out-dir", type=Path, default=None, help="where runs go (default results/learning[_<regime>])")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "trl_appo" / "bench")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON and the picture go")
     p.add_argument("--_run", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    s = Settings.quick() if a.quick else Settings()
+    s = Settings.for_regime(a.regime, quick=a.quick)
     if a.seeds:
         s = replace(s, seeds=tuple(int(x) for x in a.seeds.split(",")))
     if a.steps:
         s = replace(s, steps=a.steps)
-    runs_dir = a.out_dir or (RESULTS_DIR / ("learning_quick" if a.quick else "learning"))
+    if a.num_generations:
+        s = replace(s, num_generations=a.num_generations)
+    for key in ("sft_steps", "sft_lr", "eval_every", "heldout", "samples"):
+        if getattr(a, key):
+            s = replace(s, **{key: getattr(a, key)})
+    lrs: tuple[float | None, ...] = tuple(float(x) for x in a.lr.split(",")) if a.lr else (None,)
+    name = "learning" if a.regime == "tiny" else f"learning_{a.regime}"
+    suffix = "_quick" if a.quick else ""
+    runs_dir = a.out_dir or (RESULTS_DIR / f"{name}{suffix}")
     if a._run:
-        run_one(a._run[0], int(a._run[1]), s, a.cache_dir, runs_dir / f"{a._run[0]}__seed{a._run[1]}.json")
+        label = run_label(a._run[0], s, lrs[0])
+        run_one(a._run[0], int(a._run[1]), s, a.cache_dir, runs_dir / f"{label}__seed{a._run[1]}.json", lr=lrs[0])
         return 0
-    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    if a.calibrate:
+        calibrate(s, a.cache_dir, a.results_dir / f"calibration_regimes{suffix}.json", samples=2 if a.quick else 8,
+                  oracle_prompts=2 if a.quick else 100)
+        return 0
+    default = DEFAULT_GRID if a.regime == "tiny" else ("grpo", "grpo_2xm")
+    variants = [v.strip() for v in (a.variants or ",".join(default)).split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
     if not a.report:
-        run_grid(variants, s, runs_dir, a.cache_dir, a.workers, a.force, a.quick)
-    suffix = "_quick" if a.quick else ""
+        run_grid(variants, s, runs_dir, a.cache_dir, a.workers, a.force, a.quick, lrs)
     a.results_dir.mkdir(parents=True, exist_ok=True)
-    md = write_report(runs_dir, a.results_dir / f"learning{suffix}.json",
-                      a.results_dir / f"learning_curves_v2{suffix}.png", None if a.quick else HERE / "README.md")
+    curves = "learning_curves_v2" if a.regime == "tiny" else f"learning_curves_{a.regime}"
+    md = write_report(runs_dir, a.results_dir / f"{name}{suffix}.json", a.results_dir / f"{curves}{suffix}.png",
+                      None if a.quick else HERE / "README.md", regime=a.regime)
     print(md)
     return 0
 

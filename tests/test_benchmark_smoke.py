@@ -72,3 +72,77 @@ def test_learning_quick_runs_every_kind_of_variant(tmp_path):
     suffix = next(r for r in agg["runs"] if r["variant"] == "suffix_local_resample_n4b1")
     assert suffix["appo_metrics"]["appo/branch_loss_tokens"] > 0  # branch rows really reached the loss
     assert (tmp_path / "learning_curves_v2_quick.png").stat().st_size > 0
+
+
+def _learning_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_learning", ROOT / "benchmarks" / "learning.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_learning_chain_tool_reward_and_failure_modes():
+    """The regimes' in-process tool runs the chain's `r=...; print(r)` programs and counts them; the binary reward
+    and the failure classes read a rollout as documented."""
+    learning = _learning_module()
+    tool = learning.ArithmeticPython()
+    assert tool("r=3471*29\nprint(r)") == "100659"
+    assert tool("print(347*29)") == "10063"
+    assert tool("import os").startswith("Error")
+    assert tool.calls == 3
+    gold = "<python>r=3471*29\nprint(r)</python> <result>\n100659\n</result>"
+    row = {"ground_truth": "101177", "_gold_outputs": ["100659", "101177"]}
+    right = gold + "<python>r=100659+518\nprint(r)</python> <result>\n101177\n</result><answer>\\boxed{101177}</answer>"
+    assert learning.binary_answer_reward(completions=[right, right.replace("{101177}", "{101178}")],
+                                         ground_truth=["101177", "101177"]) == [1.0, 0.0]
+    assert learning.chain_failure_mode(right, 1.0, row) == "correct"
+    assert learning.chain_failure_mode(right.replace("{101177}", "{101178}"), 0.0, row) == "miscopy"
+    wrong = right.replace("100659+518", "100695+518").replace("101177\n", "101213\n")
+    assert learning.chain_failure_mode(wrong, 0.0, row) == "wrong_step"
+    assert learning.chain_failure_mode(gold + "<answer>\\boxed{100659}</answer>", 0.0, row) == "few_calls"
+    assert learning.chain_failure_mode(gold, 0.0, row) == "format"
+    rows = learning._rows_with_gold([{"prompt": [{"role": "user", "content": "3471 *29 +518 ="}]}],
+                                    learning.Settings(regime="deep"))
+    assert rows[0]["_gold_outputs"] == ["100659", "101177"]
+
+
+def test_learning_regimes_quick_in_one_process(tmp_path):
+    """`--regime deep|hard|oracle --quick`: each regime's warm start, GRPO and GRPO at 2x M train and evaluate, the
+    report carries Pass@k, decoded tokens, tool calls and the best-lr table, and calibration writes its JSON."""
+    code = f"""
+import sys, json
+from pathlib import Path
+sys.argv = ["learning"]
+sys.path.insert(0, {str(ROOT / "benchmarks")!r})
+import learning
+tmp = Path({str(tmp_path)!r})
+for regime in ("deep", "hard", "oracle"):
+    learning.main(["--quick", "--regime", regime, "--variants", "grpo,grpo_2xm", "--num-generations", "2",
+                   "--workers", "0", "--out-dir", str(tmp / regime), "--results-dir", str(tmp),
+                   "--cache-dir", str(tmp / "cache")])
+learning.main(["--quick", "--regime", "oracle", "--calibrate", "--results-dir", str(tmp), "--cache-dir",
+               str(tmp / "cache")])
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for regime in ("deep", "hard", "oracle"):
+        agg = json.loads((tmp_path / f"learning_{regime}_quick.json").read_text())
+        assert set(agg["variants"]) == {"grpo__m2__lr0.0001", "grpo_2xm__m2__lr0.0001"}
+        assert agg["variants"]["grpo_2xm__m2__lr0.0001"]["M"] == 4  # twice the budget
+        for run in agg["runs"]:
+            assert run["regime"] == regime and [c["step"] for c in run["curve"]] == [0, 2]
+            for c in run["curve"]:
+                assert 0.0 <= c["pass@1"] <= c["pass@2"] <= 1.0
+                assert c["decoded_tokens"] >= 0 and c["tool_calls"] >= 0 and c["train_seconds"] >= 0
+            assert run["curve"][-1]["decoded_tokens"] > 0  # the roots' decoded tokens reached the report
+        assert set(agg["best_lr"]) == {"grpo__m2", "grpo_2xm__m2"}
+        assert (tmp_path / f"learning_curves_{regime}_quick.png").stat().st_size > 0
+    cal = json.loads((tmp_path / "calibration_regimes_quick.json").read_text())["oracle__sft10__heldout2"]
+    assert 0.0 <= cal["heldout"]["frac_prompts_none_correct"] <= 1.0
+    assert cal["first_wrong_token"]["rollouts"] == 4

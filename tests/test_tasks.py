@@ -128,3 +128,109 @@ def test_tiny_tasks_and_sft_transcripts_score_full_marks():
     assert answer_type_reward(completions=sft["completion"], **sft.remove_columns(["completion"]).to_dict()) == [1.0] * 30
     full = make_sft_transcripts(10, seed=0, tiny=False)
     assert format_answer_type_reward(completions=full["completion"], ground_truth=full["ground_truth"], ability=full["ability"]) == [1.0] * 10
+
+
+# ---------------------------------------------------------------------------------------------------- chains
+
+
+def _left_to_right(question: str) -> int:
+    tokens = question.rstrip(" =").split()
+    value = int(tokens[0])
+    for t in tokens[1:]:
+        x = int(t[1:])
+        value = {"*": value * x, "+": value + x, "-": value - x}[t[0]]
+    return value
+
+
+def test_chain_tasks_are_dependent_calls_that_compute_the_left_to_right_value():
+    from trl_appo.tasks import chain_tasks
+
+    for task in chain_tasks(200, "train", seed=3, lengths=(6,)):
+        assert len(task.steps) == 6 and task.question.count(" ") == 7
+        previous = None
+        for code, output in task.steps:
+            m = re.fullmatch(r"r=(\d+)([*+-])(\d+)\nprint\(r\)", code)
+            assert m, code
+            if previous is not None:
+                assert m.group(1) == previous  # each call copies the previous call's output
+            a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+            assert output == str({"*": a * b, "+": a + b, "-": a - b}[op])
+            previous = output
+        assert task.answer == previous == str(_left_to_right(task.question))
+        assert int(task.answer) > 0
+
+
+def test_chain_tasks_deterministic_disjoint_and_mixed_lengths():
+    from trl_appo.tasks import chain_tasks, make_chain_tasks
+
+    train = chain_tasks(300, "train", seed=0, lengths=(2, 6))
+    assert [t.question for t in train] == [t.question for t in chain_tasks(300, "train", seed=0, lengths=(2, 6))]
+    held = chain_tasks(200, "heldout", seed=0, lengths=(2, 6))
+    assert not {t.question for t in train} & {t.question for t in held}
+    assert {len(t.steps) for t in train} == {2, 6}
+    assert all(split_of(t.question) == "heldout" for t in held)
+    ds = make_chain_tasks(10, 5, seed=0, lengths=(3,))
+    assert len(ds["train"]) == 10 and len(ds["heldout"]) == 5
+    assert ds["heldout"]["ground_truth"] == [t.answer for t in chain_tasks(5, "heldout", seed=0, lengths=(3,))]
+    with pytest.raises(ValueError, match="chain lengths"):
+        chain_tasks(3, lengths=(0,))
+
+
+def test_chain_ideal_transcript_is_well_formed_and_scores_one():
+    from trl_appo.tasks import chain_sft_transcripts, chain_tasks, ideal_completion
+
+    task = chain_tasks(1, "train", seed=0, lengths=(3,))[0]
+    text = ideal_completion(task)
+    assert text.count("<python>") == 3 and text.count(" <result>\n") == 3
+    assert text.endswith(f"<answer>\\boxed{{{task.answer}}}</answer>")
+    assert check_format(text)[0]
+    assert answer_type_reward(completions=[text], ground_truth=[task.answer]) == [1.0]
+    rows = chain_sft_transcripts(4, seed=0, lengths=(3,))
+    assert rows[0]["completion"][0]["content"] == text
+
+
+def _example(tok, completion: str):
+    from trl_appo.sft import tag_transcript_example
+
+    ex = tag_transcript_example(tok, "", completion)
+    return ex.completion_ids, ex.loss_mask
+
+
+@pytest.fixture(scope="module")
+def tiny_tok():
+    from trl_appo.testing import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
+
+
+GOLD = "<python>r=1234*56\nprint(r)</python> <result>\n69104\n</result><answer>\\boxed{69104}</answer>"
+
+
+def test_first_wrong_token_on_hand_built_rollouts(tiny_tok):
+    from trl_appo.tasks import first_wrong_token
+
+    gold = GOLD + tiny_tok.eos_token
+    ids, mask = _example(tiny_tok, GOLD)
+    assert first_wrong_token(tiny_tok, ids, mask, gold) is None  # the gold itself
+    assert first_wrong_token(tiny_tok, ids[:20], mask[:20], gold) is None  # cut off while still on the gold
+    # tokens: <python> r = 1 2 3 4 * 5 6 ... -> the miscopied operand digit "5" (for "4") is token 6
+    ids, mask = _example(tiny_tok, GOLD.replace("1234*56", "1235*56").replace("69104", "69160"))
+    assert first_wrong_token(tiny_tok, ids, mask, gold) == 6
+    # call right, answer miscopied: <python>..</python> is 16 tokens, the result block 10, then
+    # <answer> \ boxed { 6 9 1 0 -> the wrong last digit is token 16 + 10 + 8 = 34
+    ids, mask = _example(tiny_tok, GOLD.replace("{69104}", "{69105}"))
+    assert first_wrong_token(tiny_tok, ids, mask, gold) == 34
+    # stopping after the call (eos where the gold writes <answer>) makes eos the wrong token
+    ids, mask = _example(tiny_tok, GOLD.split("<answer>")[0])
+    assert first_wrong_token(tiny_tok, ids, mask, gold) == 26 and ids[26] == tiny_tok.eos_token_id
+
+
+def test_first_wrong_token_rejects_a_gold_of_another_task(tiny_tok):
+    from trl_appo.tasks import first_wrong_token
+
+    ids, mask = _example(tiny_tok, GOLD)
+    other = GOLD.replace("69104", "69105")  # same call, different tool output: not this task's transcript
+    with pytest.raises(ValueError, match="tool token"):
+        first_wrong_token(tiny_tok, ids, mask, other + tiny_tok.eos_token)
+    with pytest.raises(ValueError, match="differ in length"):
+        first_wrong_token(tiny_tok, ids, mask[:-1], GOLD)

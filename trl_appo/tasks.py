@@ -330,6 +330,9 @@ def ideal_completion(task: Task) -> str:
 
     The `` <result>\n…\n</result>`` part is what the tag protocol's environment appends (docs/algorithm.md §6).
     """
+    if isinstance(task, ChainTask) and task.steps:
+        calls = "".join(f"<python>{code}</python> <result>\n{out}\n</result>" for code, out in task.steps)
+        return f"{calls}<answer>\\boxed{{{task.answer}}}</answer>"
     if task.code is None:
         raise ValueError(f"no ideal transcript for {task.kind} tasks (their tool output depends on the search backend)")
     return f"<python>{task.code}</python> <result>\n{task.answer}\n</result><answer>\\boxed{{{task.answer}}}</answer>"
@@ -356,3 +359,116 @@ def make_sft_transcripts(
     return rows.add_column(
         "completion", [[{"role": "assistant", "content": ideal_completion(t)}] for t in tasks]
     ).select_columns(["prompt", "completion", "ground_truth", "data_source", "ability"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chains of dependent tool calls (the learning benchmark's deep / hard / oracle regimes)
+# ----------------------------------------------------------------------------------------------------
+
+CHAIN_SYSTEM_PROMPT = (
+    "Apply the operations left to right, one <python>r=...\\nprint(r)</python> call per operation, each on the "
+    "previous result. Then answer as <answer>\\boxed{number}</answer>."
+)
+"""One-line prompt for chain tasks (the tiny model's minimal chat template drops it; kept for real models)."""
+
+
+@dataclass(frozen=True)
+class ChainTask(Task):
+    r"""A chain ``3471 *29 +518 -76`` evaluated left to right, one tool call per operation.
+
+    ``steps`` holds ``(code, output)`` per call: ``r=3471*29\nprint(r)`` → ``100659``, ``r=100659+518\nprint(r)``
+    → ``101177``: every call after the first copies the previous call's output, so the calls depend on each other.
+    """
+
+    steps: tuple[tuple[str, str], ...] = ()
+
+
+def _chain_task(rng: random.Random, length: int) -> ChainTask:
+    value = rng.randint(1000, 9999)
+    question, steps = f"{value}", []
+    for i in range(length):
+        ops = ["*"] if i == 0 else ["+", "*"] + (["-"] if value > 1100 else [])
+        if value >= 10**7:
+            ops.remove("*")
+        op = rng.choice(ops)
+        if op == "*":
+            x = rng.randint(11, 99)
+        else:
+            x = rng.randint(100, 99999 if op == "+" else min(99999, value - 1000))
+        new = value * x if op == "*" else value + x if op == "+" else value - x
+        steps.append((f"r={value}{op}{x}\nprint(r)", str(new)))
+        question += f" {op}{x}"
+        value = new
+    question += " ="
+    return ChainTask(question, str(value), "chain_arith", code=None, key=question, steps=tuple(steps))
+
+
+def chain_tasks(
+    n: int,
+    split: Split = "train",
+    seed: int = 0,
+    lengths: Sequence[int] = (6,),
+    heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
+) -> list[ChainTask]:
+    """``n`` distinct chain tasks of ``split``; each chain's number of calls is drawn uniformly from ``lengths``.
+
+    The split is decided by a hash of the question, so a question is in one split only whatever ``lengths`` is.
+    """
+    lengths = tuple(lengths)
+    if not lengths or any(k < 1 for k in lengths):
+        raise ValueError(f"chain lengths must be >= 1, got {lengths}")
+
+    def make(rng: random.Random) -> ChainTask:
+        return _chain_task(rng, rng.choice(lengths))
+
+    make.__name__ = "chain" + "_".join(map(str, lengths))
+    return _draw(make, n, split, seed, heldout_fraction)
+
+
+def make_chain_tasks(
+    n_train: int,
+    n_heldout: int,
+    seed: int = 0,
+    lengths: Sequence[int] = (6,),
+    heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
+) -> hf_datasets.DatasetDict:
+    """``DatasetDict(train=..., heldout=...)`` of chain rows with :data:`CHAIN_SYSTEM_PROMPT`."""
+    return hf_datasets.DatasetDict(
+        {
+            split: tasks_to_dataset(chain_tasks(n, split, seed, lengths, heldout_fraction), CHAIN_SYSTEM_PROMPT)
+            for split, n in (("train", n_train), ("heldout", n_heldout))
+        }
+    )
+
+
+def chain_sft_transcripts(
+    n: int, seed: int = 0, lengths: Sequence[int] = (6,), heldout_fraction: float = DEFAULT_HELDOUT_FRACTION
+) -> hf_datasets.Dataset:
+    """SFT rows (``train`` split only) of chain tasks with their ideal transcripts; see :func:`make_sft_transcripts`."""
+    tasks = chain_tasks(n, "train", seed, lengths, heldout_fraction)
+    rows = tasks_to_dataset(tasks, CHAIN_SYSTEM_PROMPT)
+    return rows.add_column(
+        "completion", [[{"role": "assistant", "content": ideal_completion(t)}] for t in tasks]
+    ).select_columns(["prompt", "completion", "ground_truth", "data_source", "ability"])
+
+
+def first_wrong_token(tokenizer, completion_ids: Sequence[int], model_mask: Sequence[int], gold: str) -> int | None:
+    r"""Index in ``completion_ids`` of a rollout's first wrong model token, judged against the gold transcript.
+
+    ``gold`` is the ideal completion text (:func:`ideal_completion`, ending with the tokenizer's eos text when the
+    rollout is expected to stop there). With a deterministic tool, a rollout that has followed the gold so far also
+    received the gold's tool outputs, so the first place where its text leaves the gold is a token the model wrote:
+    the returned index ``i`` is the first model token (``model_mask[i] == 1``) after which the decoded completion is
+    no longer a prefix of ``gold``. Branching at ``i`` (keep ``completion_ids[:i]``, re-decide token ``i``) is the
+    oracle branch point. Returns None when the rollout never leaves the gold (it is correct, or was cut off while
+    still on it). Text is compared, not ids, so a different tokenisation of the same text is not an error.
+    """
+    if len(completion_ids) != len(model_mask):
+        raise ValueError(f"completion_ids ({len(completion_ids)}) and model_mask ({len(model_mask)}) differ in length")
+    ids = list(completion_ids)
+    for i, m in enumerate(model_mask):
+        if not gold.startswith(tokenizer.decode(ids[: i + 1])):
+            if not m:  # cannot happen with a deterministic tool; a sign that `gold` is not this task's transcript
+                raise ValueError(f"the rollout leaves the gold at tool token {i}: is `gold` this task's transcript?")
+            return i
+    return None

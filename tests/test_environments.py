@@ -471,3 +471,26 @@ def test_environment_branches_per_update(tiny_model, tiny_tokenizer, tmp_path):
     roots = list(trainer.environments)
     assert len(roots) == 4 and all(sum(e.history) in (3, 5) for e in roots)
     assert any(e not in roots for e in Counter.rewarded)  # branches were rewarded on their own instances
+
+
+def test_build_engine_uses_the_training_template_so_evaluation_matches(tiny_model, tmp_path):
+    """The template choice lives in `build_engine`, which evaluation (`evaluate`, `trl-appo eval`) also uses: an
+    evaluation engine renders a tool conversation exactly as the trainer's engine does."""
+    from pathlib import Path
+
+    import trl
+    from trl.chat_template_utils import add_response_schema, get_training_chat_template
+
+    from trl_appo.rollout.build import build_engine
+    from trl_appo.testing import build_tiny_model, build_tiny_tokenizer
+
+    template = (Path(trl.__file__).parent / "chat_templates" / "qwen3.jinja").read_text()
+    tokenizer = add_response_schema(build_tiny_tokenizer(chat_template=template))
+    evaluated = build_engine(None, tokenizer, [multiply_tool], protocol="chat", max_completion_length=16)
+    assert evaluated.protocol.chat_template_kwargs["chat_template"] == get_training_chat_template(tokenizer)
+    trainer = make_trainer(build_tiny_model(tokenizer), tokenizer, make_args(tmp_path), tools=[multiply_tool])
+    prompt = [{"role": "user", "content": "3 times 4?"}]
+    assert evaluated.tokenize_prompts([prompt]) == trainer._appo_engine.tokenize_prompts([prompt])
+    # Without tools there is one assistant turn: the tokenizer's own template, as GRPOTrainer uses.
+    plain = build_engine(None, tokenizer, [], protocol="chat", max_completion_length=16)
+    assert "chat_template" not in plain.protocol.chat_template_kwargs

@@ -24,8 +24,9 @@ git --git-dir="$TRL_REPO" show "$TRL_REV:tests/test_grpo_trainer.py" > "$WORK/te
   "$WORK/conftest.orig.py" "$P/conftest.py"
 "$PY" "$HERE/remap_ids.py" "$WORK/hub/remap.json" "$WORK/test_grpo_trainer.orig.py" "$P/test_grpo_trainer.py"
 if [ "$V" = appo ]; then
-  sed -i 's/^from trl import GRPOConfig, GRPOTrainer$/from trl_appo import APPOConfig as GRPOConfig, APPOTrainer as GRPOTrainer/' \
-    "$P/test_grpo_trainer.py"
+  OLD='^from trl import GRPOConfig, GRPOTrainer$'
+  NEW='from trl_appo import APPOConfig as GRPOConfig, APPOTrainer as GRPOTrainer'
+  sed -i "s/$OLD/$NEW/" "$P/test_grpo_trainer.py"
   grep -q "^from trl_appo import APPOConfig as GRPOConfig" "$P/test_grpo_trainer.py" || { echo "swap failed"; exit 1; }
 fi
 cd "$WORK/hub"  # the tests' hub ids resolve to the stand-in folders here

@@ -1,6 +1,7 @@
 """trl_appo.branching: the step through a fake port, branch rows for the loss (branch_loss="suffix"), batch rows,
 and the step in the trainer."""
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -146,6 +147,7 @@ class FakePort:
         self._entropy, self._rewards, self._continuations = entropy, branch_rewards, continuations
         self.calls = []
         self.prefixes = None
+        self.forked = False
 
     def gather(self, tensor):
         self.calls.append("gather")
@@ -168,8 +170,18 @@ class FakePort:
         self.calls.append("whitespace_table")
         return torch.zeros(64, dtype=torch.bool)
 
-    def rollout(self, prompt_ids, prefixes):
+    @contextlib.contextmanager
+    def fork_environments(self, inputs):
+        self.calls.append("fork_environments")
+        self.forked = True
+        try:
+            yield [("session", i) for i in range(len(inputs))], [row["prompt"] for row in inputs]
+        finally:
+            self.forked = False
+
+    def rollout(self, prompt_ids, prefixes, sessions=None):
         self.calls.append("rollout")
+        assert self.forked and sessions == [("session", i) for i in range(len(prompt_ids))]
         self.prefixes = prefixes
         out = []
         for p, prefix, extra in zip(prompt_ids, prefixes, self._continuations, strict=True):
@@ -180,6 +192,7 @@ class FakePort:
 
     def branch_rewards(self, inputs, prompts, completions, completion_ids):
         self.calls.append("branch_rewards")
+        assert self.forked  # rewarded on the forked environments
         assert prompts == ["q", "q"] and [c for c in completions] == ["", ""]
         return self._rewards
 
@@ -245,6 +258,8 @@ def test_branch_and_credit_through_a_fake_port_gives_hand_computed_advantages_an
     # (the entropy criterion declares it does not read Ω), and gathers (rewards, [fork points], metrics).
     assert port.calls.count("policy_logps") == 1 and port.calls.count("rollout") == 1
     assert port.calls.count("branch_rewards") == 1 and "omega_reference_logps" not in port.calls
+    assert port.calls.count("fork_environments") == 1 and port.calls.index("fork_environments") < port.calls.index(
+        "rollout")  # the branches' environments are forked before the engine runs them
     assert port.calls.count("gather") == (4 if branch_advantage == "local" else 3)
 
 

@@ -258,19 +258,21 @@ def branch_and_credit(batch: dict[str, Any], port: StepPort, settings: StepSetti
     ends = shared_end(pts.position, settings.keep_token)
     t_score = time.perf_counter()
 
-    # 4. Branch through the same engine (paper §3.2).
+    # 4. Branch through the same engine (paper §3.2). A TRL environment is forked by replaying the prefix's tool
+    # calls into a fresh instance (`rollout.environments`); the branches run and are rewarded on those instances.
     branch_prompt_ids, prefixes = prefixes_at(view, pts, settings.keep_token)
-    branches = port.rollout(branch_prompt_ids, prefixes)
-    t_gen = time.perf_counter()
+    root_inputs = [rows["appo_inputs"][r] for r in pts.root.tolist()]
+    with port.fork_environments(root_inputs) as (sessions, branch_prompts):
+        branches = port.rollout(branch_prompt_ids, prefixes, sessions)
+        t_gen = time.perf_counter()
 
-    # 5. Reward the branches on the full trajectory (prefix + continuation); gathered across ranks.
-    # Each branch row is its root's input row with its own executed tool calls (the root's came with the row).
-    branch_inputs = [{**rows["appo_inputs"][r], "executed_tool_calls": calls}
-                     for r, calls in zip(pts.root.tolist(), executed_tool_calls(branches), strict=True)]
-    branch_prompts = [row["prompt"] for row in branch_inputs]
-    completions = completions_for_rewards(branch_prompts, branches)
-    branch_rewards = port.branch_rewards(branch_inputs, branch_prompts, completions,
-                                         [b.completion_ids for b in branches])  # (P_all, F)
+        # 5. Reward the branches on the full trajectory (prefix + continuation); gathered across ranks.
+        # Each branch row is its root's input row with its own executed tool calls (the root's came with the row).
+        branch_inputs = [{**row, "executed_tool_calls": calls}
+                         for row, calls in zip(root_inputs, executed_tool_calls(branches), strict=True)]
+        completions = completions_for_rewards(branch_prompts, branches)
+        branch_rewards = port.branch_rewards(branch_inputs, branch_prompts, completions,
+                                             [b.completion_ids for b in branches])  # (P_all, F)
     t_reward = time.perf_counter()
 
     # 6. Credit (paper §3.3) over the gathered batch, then this rank's slice.

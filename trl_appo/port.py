@@ -9,6 +9,7 @@ functions; ``*_all`` = gathered over ranks in rank order.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import torch
@@ -47,9 +48,18 @@ class StepPort(Protocol):
     def whitespace_table(self) -> torch.Tensor:
         """(V,) bool on `device`: the token decodes to whitespace only (never a branch point)."""
 
-    def rollout(self, prompt_ids: list[list[int]], prefixes: list) -> list:
+    def fork_environments(self, inputs: list[dict]) -> AbstractContextManager[tuple[list | None, list]]:
+        """A context for the branches of these roots' input rows (one per branch): yields (sessions, prompts).
+
+        With TRL environments (`environment_factory`): one freshly reset instance per branch, as its root's was
+        (`trl_appo.rollout.environments`), as the engine's session keys, and the prompts as TRL built them for
+        those instances (`reset`'s observation appended); `branch_rewards` inside the block reads these
+        instances. Without: (None, each row's prompt)."""
+
+    def rollout(self, prompt_ids: list[list[int]], prefixes: list, sessions: list | None = None) -> list:
         """Continue each prefix (`trl_appo.rollout.Prefix`, or None: from the prompt) through the training
-        rollout engine, one row each; returns `trl_appo.rollout.Rollout` objects."""
+        rollout engine, one row each, on `sessions` (from `fork_environments`; None: a fresh one per row); returns
+        `trl_appo.rollout.Rollout` objects. A prefix's executed tool calls are replayed into its session."""
 
     def branch_rewards(self, inputs: list[dict], prompts: list, completions: list,
                        completion_ids: list[list[int]]) -> torch.Tensor:

@@ -159,9 +159,12 @@ class TrainerPort:
     def whitespace_table(self) -> torch.Tensor:
         return self._trainer._whitespace_table(self.device)
 
-    def rollout(self, prompt_ids, prefixes):
+    def fork_environments(self, inputs):
+        return self._trainer._branch_environments(inputs)
+
+    def rollout(self, prompt_ids, prefixes, sessions=None):
         with self._trainer._appo_spending("seconds_generate"):
-            return self._trainer._appo_engine.run(prompt_ids, prefixes=prefixes, group_size=1)
+            return self._trainer._appo_engine.run(prompt_ids, prefixes=prefixes, group_size=1, sessions=sessions)
 
     def branch_rewards(self, inputs, prompts, completions, completion_ids):
         with self._trainer._appo_spending("seconds_reward"):
@@ -192,8 +195,10 @@ class APPOTrainer(GRPOTrainer):
     Drop-in: same constructor as [`~trl.GRPOTrainer`]. `tools` are executed by trl_appo's rollout engine with the
     protocol chosen by `args.tool_protocol` ('chat': the chat template's tool calls, 'tags': the paper's
     `<python>`/`<search>` tags); they may be plain typed, documented functions or `trl_appo.tools.Tool` objects.
-    `rollout_func` and `environment_factory` are not supported: APPO owns the rollout, and stateful environments
-    cannot be forked at a branch point.
+    `environment_factory` works as in TRL (validated by TRL, one instance per rollout, environment-owned rewards);
+    a branch forks its root's environment by replaying the prefix's tool calls into a fresh instance, which assumes
+    a deterministic environment (`trl_appo.rollout.environments`; `replayable = False` on the class trains without
+    branching). `rollout_func` is not supported: APPO owns the rollout.
     """
 
     _tag_names = ["trl", "appo"]
@@ -236,12 +241,8 @@ class APPOTrainer(GRPOTrainer):
                 "APPOTrainer owns the rollout (roots and branches share its tool loop), so `rollout_func` is not "
                 "supported. Pass tools with `tools=` (and args.tool_protocol), or use GRPOTrainer."
             )
-        if environment_factory is not None:
-            raise ValueError(
-                "`environment_factory` is not supported: a stateful environment cannot be forked at a branch point. "
-                "Pass stateless tools with `tools=` (functions or trl_appo.tools.Tool objects)."
-            )
         self._appo_tools = list(tools or [])
+        self._appo_env = None  # TrainerEnvironments when environment_factory is given
         self._appo_engine = None
         self._appo_handoff = HookHandoff()
         self._appo_whitespace = None
@@ -267,7 +268,10 @@ class APPOTrainer(GRPOTrainer):
                 quantization_config=quantization_config,
                 peft_config=peft_config,
                 rollout_func=lambda prompts, trainer: trainer._appo_rollout(prompts),
+                environment_factory=environment_factory,  # TRL validates it and runs reset/get_reward as for GRPO
             )
+        if environment_factory is not None:
+            self._setup_environments()
         if args.omega_reference == "reference" and core.uses_omega(args.branch_criterion):
             if self.ref_model is None and not self._is_peft_model():
                 raise ValueError(
@@ -295,6 +299,24 @@ class APPOTrainer(GRPOTrainer):
             (logger.warning if "isolation=none" in isolation else logger.info)(f"APPO tools: {isolation}")
 
     # ------------------------------------------------------------------ setup
+    def _setup_environments(self) -> None:
+        """After TRL's constructor validated `environment_factory`: APPO's engine runs the environments' tools.
+        An environment that cannot be replayed cannot be forked: the run trains without branching (as GRPO, so
+        future_kl is off too, as with branch_criterion='none'), said in one warning line."""
+        from .rollout.environments import TrainerEnvironments
+
+        if self.args.tool_protocol != "chat":
+            raise ValueError(
+                "environment_factory needs tool_protocol='chat' (environment methods are called with the chat "
+                f"template's tool calls), got tool_protocol={self.args.tool_protocol!r}."
+            )
+        self._appo_env = TrainerEnvironments(self, self._appo_tools)
+        args = self.args
+        if args.branching and not self._appo_env.forkable:
+            logger.warning(self._appo_env.fallback_warning())
+            args.num_roots, args.num_branches = args.num_generations, 0  # APPOConfig.branching is now False
+            args.future_kl = False
+
     def _is_peft_model(self) -> bool:
         return hasattr(self.accelerator.unwrap_model(self.model), "disable_adapter")
 
@@ -302,8 +324,9 @@ class APPOTrainer(GRPOTrainer):
         """The rollout engine of roots and branches (`trl_appo.rollout.build_engine`: evaluation uses the same)."""
         args = self.args
         tokenizer = self._tokenizer
+        tools = self._appo_tools + (self._appo_env.tools if self._appo_env is not None else [])
         if args.tool_protocol == "chat":
-            if self._appo_tools and getattr(tokenizer, "response_template", None) is None and getattr(
+            if tools and getattr(tokenizer, "response_template", None) is None and getattr(
                 tokenizer, "response_schema", None
             ) is None:
                 from trl.chat_template_utils import add_response_schema
@@ -317,7 +340,7 @@ class APPOTrainer(GRPOTrainer):
                         "knows, or use tool_protocol='tags'."
                     ) from e
         return build_engine(
-            self._engine_generate, tokenizer, self._appo_tools, protocol=args.tool_protocol,
+            self._engine_generate, tokenizer, tools, protocol=args.tool_protocol,
             max_completion_length=args.max_completion_length, max_tool_calls=args.max_tool_calls,
             eos_token_ids=self.eos_token_ids, chat_template_kwargs=self.chat_template_kwargs,
             tool_timeout=args.tool_timeout, max_tool_output_chars=args.max_tool_output_chars,
@@ -370,9 +393,13 @@ class APPOTrainer(GRPOTrainer):
         """TRL `rollout_func`: roots (or eval samples) through the engine; rows come in groups of identical prompts."""
         mode = "train" if self.model.training else "eval"
         group = self.num_generations if mode == "train" else self.num_generations_eval
-        prompt_ids = self._appo_engine.tokenize_prompts(prompts)
+        if self._appo_env is None:
+            prompt_ids, sessions = self._appo_engine.tokenize_prompts(prompts), None
+        else:  # TRL has created and reset one environment instance per row (`self.environments`)
+            prompt_ids = self._appo_env.tokenize_prompts(self._appo_engine.protocol, prompts)
+            sessions = self._appo_env.root_sessions()
         with self._appo_spending("seconds_generate"):
-            rollouts = self._appo_engine.run(prompt_ids, group_size=group)
+            rollouts = self._appo_engine.run(prompt_ids, group_size=group, sessions=sessions)
         self._log_rollout_metrics(rollouts, mode, prefix="appo/root")
         self._count_spend(rollouts, "roots")
         logprobs = None if any(r.logprobs is None for r in rollouts) else [r.logprobs for r in rollouts]
@@ -388,8 +415,14 @@ class APPOTrainer(GRPOTrainer):
         # TRL parses a rollout_func's completion as a single assistant turn; reward functions must see the engine's
         # multi-turn messages (assistant/tool turns, or the full tag-protocol text) instead. The rollouts come back
         # in the extra fields of `_appo_rollout`'s output, removed here so that they never reach reward kwargs.
-        (prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images,
-         tool_images) = super()._generate(prompts)
+        # The engine has executed every tool call (environments' methods included, which TRL lists in `self.tools`):
+        # TRL's own tool loop must not run again on the engine's output.
+        trl_tools, self.tools = self.tools, []
+        try:
+            (prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images,
+             tool_images) = super()._generate(prompts)
+        finally:
+            self.tools = trl_tools
         rollouts = extra_fields.pop("appo_rollouts", None)
         if rollouts is not None:
             completions = completions_for_rewards(prompts, rollouts)
@@ -401,7 +434,7 @@ class APPOTrainer(GRPOTrainer):
     def _log_rollout_metrics(self, rollouts, mode: str, prefix: str) -> None:
         """Tool use and decoded tokens (a branch's copied prefix is not decoded), summed over all ranks."""
         metrics = rollout_metrics(rollouts, self.accelerator.gather, self.accelerator.device, prefix,
-                                  with_tools=bool(self._appo_tools))
+                                  with_tools=bool(len(self._appo_engine.tools)))
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)
 
@@ -647,6 +680,17 @@ class APPOTrainer(GRPOTrainer):
             for name, values in branch_metrics.items():
                 if values:
                     self._metrics[mode][f"appo/branch/{name}"].append(sum(values) / len(values))
+
+    @contextlib.contextmanager
+    def _branch_environments(self, rows: list[dict]):
+        """(session keys, prompts) for branches of these roots' rows (`TrainerPort.fork_environments`): forked
+        environments when there are any (`rollout.environments`; `self.environments` lists them until the block
+        ends), else (None, the rows' prompts)."""
+        if self._appo_env is None:
+            yield None, [row["prompt"] for row in rows]
+            return
+        with self._appo_env.branches(rows) as forked:
+            yield forked
 
     @contextlib.contextmanager
     def _no_grad_forward(self):

@@ -6,7 +6,8 @@ benchmarks. The rules it owns:
 * `protocol="tags"` (the paper's `<python>`/`<search>` tags): with tools, the tags `python`, `search` and every
   registered tool's name stop generation (the paper's tags stop it even when that tool is not registered, and the
   model is told so); without tools there is nothing to stop for: one model turn, as GRPOTrainer generates.
-* `protocol="chat"`: the chat template's tool calls (`ChatTemplateProtocol`).
+* `protocol="chat"`: the chat template's tool calls (`ChatTemplateProtocol`); with tools, TRL's prefix-preserving
+  training variant of the template where the tokenizer's is not (as GRPOTrainer does, e.g. Qwen3).
 * Every end-of-sequence id (`eos_token_ids`: the tokenizer's and the model's generation config's, as TRL
   collects them, see `eos_token_ids_of`) ends a model run.
 * Without tools a call-shaped text ends the episode as it stands (`max_tool_calls=0`, `on_tool_limit="end"`)
@@ -68,7 +69,8 @@ def build_engine(
     if not isinstance(protocol, str):
         engine_protocol = protocol
     elif protocol == "chat":
-        engine_protocol = ChatTemplateProtocol(tokenizer, chat_template_kwargs=chat_template_kwargs)
+        engine_protocol = ChatTemplateProtocol(
+            tokenizer, chat_template_kwargs=_training_template_kwargs(tokenizer, chat_template_kwargs, has_tools))
     elif protocol == "tags":
         tags = dict.fromkeys(("python", "search", *registry.names)) if has_tools else {}
         engine_protocol = TagProtocol(tokenizer, tags=tuple(tags), chat_template_kwargs=chat_template_kwargs)
@@ -89,6 +91,21 @@ def build_engine(
         should_continue=should_continue,
         max_tool_calls_per_turn=max_tool_calls_per_turn,
     )
+
+
+def _training_template_kwargs(tokenizer: Any, chat_template_kwargs: dict | None, has_tools: bool) -> dict:
+    """As GRPOTrainer: multi-turn tool rollouts need a prefix-preserving chat template (e.g. Qwen3's drops earlier
+    turns' thinking); TRL's training variant of the template is used where the tokenizer's is not."""
+    kwargs = dict(chat_template_kwargs or {})
+    if not has_tools or "chat_template" in kwargs or not isinstance(getattr(tokenizer, "chat_template", None), str):
+        return kwargs
+    from trl.chat_template_utils import get_training_chat_template, is_chat_template_prefix_preserving
+
+    if not is_chat_template_prefix_preserving(tokenizer):
+        template = get_training_chat_template(tokenizer)
+        if template is not None:
+            kwargs["chat_template"] = template
+    return kwargs
 
 
 def eos_token_ids_of(model: Any, tokenizer: Any) -> list[int]:

@@ -185,15 +185,23 @@ class RolloutEngine:
         prompt_ids: Sequence[Sequence[int]],
         prefixes: Sequence[Prefix | None] | None = None,
         group_size: int = 1,
+        sessions: Sequence[Any] | None = None,
     ) -> list[Rollout]:
         """Generate one rollout per prompt (roots), or continue each prompt's `Prefix` (branches).
 
         `group_size` tells the backend that root rows come in contiguous blocks of that many identical
-        prompts (used only on the first turn of an all-root batch).
+        prompts (used only on the first turn of an all-root batch). `sessions`: optional session key per row
+        (default: a fresh one each), passed to the tools; e.g. the row's environment instance
+        (`rollout.environments`).
         """
         if prefixes is not None and len(prefixes) != len(prompt_ids):
             raise ValueError("prefixes must have one entry (or None) per prompt")
-        rows = [self._start_row(list(p), prefixes[i] if prefixes else None) for i, p in enumerate(prompt_ids)]
+        if sessions is not None and len(sessions) != len(prompt_ids):
+            raise ValueError("sessions must have one entry per prompt")
+        rows = [
+            self._start_row(list(p), prefixes[i] if prefixes else None, sessions[i] if sessions is not None else None)
+            for i, p in enumerate(prompt_ids)
+        ]
         try:
             first_turn_group = group_size if not prefixes or all(p is None for p in prefixes) else 1
             for turn in itertools.count():
@@ -214,12 +222,13 @@ class RolloutEngine:
 
     # -- rows ---------------------------------------------------------------------------------------------
 
-    def _start_row(self, prompt_ids: list[int], prefix: Prefix | None) -> _Row:
+    def _start_row(self, prompt_ids: list[int], prefix: Prefix | None, session: Any = None) -> _Row:
         budget, reason = self.max_completion_length, "length"
         if self.max_context_length is not None and self.max_context_length - len(prompt_ids) < budget:
             budget, reason = max(0, self.max_context_length - len(prompt_ids)), "context"
+        key = {} if session is None else {"session": session}
         if prefix is None:
-            return self._settle(_Row(prompt_ids, [], [], [], budget, reason, 0))
+            return self._settle(_Row(prompt_ids, [], [], [], budget, reason, 0, **key))
         if len(prefix.completion_ids) != len(prefix.model_mask):
             raise ValueError("prefix completion_ids and model_mask differ in length")
         if prefix.logprobs is not None and len(prefix.logprobs) != len(prefix.completion_ids):
@@ -232,6 +241,7 @@ class RolloutEngine:
             budget,
             reason,
             len(prefix.completion_ids),
+            **key,
         )
         # Calls already made in the prefix count against the limit, count as executed for the rewards and seed
         # stateful tools' sessions: the same admission as when they were made decides which of them ran.

@@ -145,7 +145,8 @@ class Tool:
         max_output_chars: output truncation (None: the registry's default).
 
     Subclasses may override `invoke` (e.g. to use the rollout's session key) and `prime`/`close_session`
-    (stateful tools; see `PythonTool`).
+    (stateful tools; see `PythonTool`), and set `sequential = True` to run one session's calls in call order
+    (stateful environments, `rollout.environments`).
     """
 
     def __init__(
@@ -316,6 +317,7 @@ class ToolRegistry:
             raise ValueError(f"{len(sessions)} sessions for {len(calls)} calls")
         results: list[ToolResult | None] = [None] * len(calls)
         running: list[tuple[int, concurrent.futures.Future, float, float | None, _Slot]] = []
+        last_in_session: dict[int, concurrent.futures.Future] = {}  # sequential tools: the session's last call
         try:
             for i, (call, session) in enumerate(zip(calls, sessions, strict=True)):
                 slot = self._wait_for_slot(running)
@@ -327,7 +329,13 @@ class ToolRegistry:
                     results[i] = ToolResult(call.name, f"Error: {exc}", True, started, time.monotonic())
                     continue
                 timeout = t.timeout if t.timeout is not None else self.timeout
-                if t.is_async:
+                if getattr(t, "sequential", False):
+                    # One session's calls to sequential tools (a stateful environment) run in call order.
+                    future = _run_in_daemon_thread(
+                        lambda t=t, b=bound, s=session, p=last_in_session.get(id(session)): self._after(p, t, b, s)
+                    )
+                    last_in_session[id(session)] = future
+                elif t.is_async:
                     future = self._loop().submit(t.invoke(bound, session), timeout)
                 else:
                     future = _run_in_daemon_thread(lambda t=t, b=bound, s=session: t.invoke(b, s))
@@ -388,6 +396,15 @@ class ToolRegistry:
         except _CallRejected as exc:
             return str(exc)
         return None
+
+    def _after(self, previous: concurrent.futures.Future | None, t: Tool, bound: Any, session: Any) -> Any:
+        """Run `t` once `previous` has finished (sync or async tool; used for sequential tools)."""
+        if previous is not None:
+            concurrent.futures.wait([previous])
+        value = t.invoke(bound, session)
+        if inspect.isawaitable(value):
+            value = self._loop().submit(value, None).result()
+        return value
 
     def _prepare(self, call: ToolCall) -> tuple[Tool, inspect.BoundArguments]:
         if call.error:

@@ -453,7 +453,7 @@ def _clean_math(s: str) -> str:
 
 
 def _parse_math(s: str, timeout: int | None) -> list[list[Any]]:
-    r"""math-verify readings of a bare answer: as ``\\boxed{s}`` and as ``$s$``, LaTeX extraction only.
+    r"""math-verify readings of a bare answer: as ``\boxed{s}`` and as ``$s$``, LaTeX extraction only.
 
     Empty list when neither reading gives a sympy object (math-verify's plain-string fallback is not math). Only the
     LaTeX extractor is used: math-verify's expression extractor finds a number *somewhere* in free text, so

@@ -117,3 +117,30 @@ def test_trainer_generate_stops_at_protocol_stops_with_the_same_rollouts(protoco
     else:  # the chat protocol's turns end at eos already: nothing to add
         assert results[True][1] == results[False][1]
     assert "generate" not in vars(trainer.accelerator.unwrap_model(trainer.model_wrapped))  # the patch is undone
+
+
+def test_stop_strings_sample_what_closing_tags_as_eos_ids_sampled(tiny_tokenizer, tiny_model):
+    """`</python>` is one token here: stopping at it as a stop string or as an extra eos id (the workaround
+    benchmarks/learning.py used) ends the same rows at the same steps, so even one unseeded random stream agrees."""
+    from trl_appo.evaluation import make_hf_generate_fn
+    from trl_appo.rollout import build_engine
+    from trl_appo.tools import PythonTool
+
+    model = _tool_happy(tiny_model, tiny_tokenizer)
+    results = []
+    for as_eos in (True, False):
+        old = model.generation_config.eos_token_id
+        if as_eos:
+            model.generation_config.eos_token_id = [tiny_tokenizer.eos_token_id] + tiny_tokenizer.convert_tokens_to_ids(
+                ["</python>", "</search>"])
+        try:
+            fn = make_hf_generate_fn(model, tiny_tokenizer, temperature=1.0,
+                                     stop_strings=() if as_eos else ("</python>", "</search>"))
+        finally:
+            model.generation_config.eos_token_id = old
+        engine = build_engine(fn, tiny_tokenizer, [PythonTool(timeout=10)], protocol="tags", max_completion_length=96,
+                              max_tool_calls=3, eos_token_ids=[tiny_tokenizer.eos_token_id])
+        torch.manual_seed(7)
+        results.append(_summary(engine.run(engine.tokenize_prompts(conversational_prompts(QUESTIONS)), group_size=2)))
+    assert results[0] == results[1]
+    assert sum(s[2] for s in results[0]) >= 4

@@ -117,7 +117,8 @@ def main(argv=None) -> int:
             }
     print(json.dumps(summary, indent=1))
     out = a.out or Path(__file__).resolve().parent / "results" / f"bench_stop_{a.regime}.json"
-    out.write_text(json.dumps({"regime": a.regime, "sft_steps": s.sft_steps, "steps": a.steps, "repeats": a.repeats, "summary": summary,
+    out.write_text(json.dumps({"regime": a.regime, "sft_steps": s.sft_steps, "steps": a.steps,
+                               "repeats": a.repeats, "summary": summary,
                                "runs": runs, "load_average_at_end": os.getloadavg()}, indent=1))
     return 0
 

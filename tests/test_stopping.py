@@ -99,7 +99,8 @@ def test_trainer_generate_stops_at_protocol_stops_with_the_same_rollouts(protoco
     model = _tool_happy(tiny_model, tiny_tokenizer)
     forwards = _Forwards(model)
     args = make_args(tmp_path, tool_protocol=protocol, max_completion_length=96, max_tool_calls=3)
-    trainer = make_trainer(model, tiny_tokenizer, args, tools=[PythonTool(timeout=10) if protocol == "tags" else python])
+    tools = [PythonTool(timeout=10) if protocol == "tags" else python]
+    trainer = make_trainer(model, tiny_tokenizer, args, tools=tools)
     generate = trainer._generate_single_turn
     prompt_ids = trainer._appo_engine.tokenize_prompts(conversational_prompts(QUESTIONS))
     results = {}

@@ -55,6 +55,10 @@ def test_stopping_criteria_fire_at_the_token_that_completes_a_stop_string(tiny_t
     assert len(encode(tiny_tokenizer, "</calculator>")) > 1  # a multi-token closing tag
     fired = [bool(crit(torch.tensor([ids[:k]]), None)[0]) for k in range(1, len(ids) + 1)]
     assert fired == [False] * (len(ids) - 1) + [True]
+    # a last token that runs past the tag (`>` + newline) completes it too, as the engine's cut counts it
+    ids = encode(tiny_tokenizer, "x</calculator") + [tiny_tokenizer.convert_tokens_to_ids(">Ċ")]
+    assert tiny_tokenizer.decode(ids) == "x</calculator>\n"
+    assert bool(crit(torch.tensor([ids]), None)[0]) and not bool(crit(torch.tensor([ids[:-1]]), None)[0])
     assert stopping_criteria(tiny_tokenizer, (), ()) is None
 
 

@@ -436,23 +436,16 @@ def heldout_eval(model, tok, data, s: Settings, eval_seed: int, samples: int | N
 def eval_generate_fn(model, tok, s: Settings):
     """`make_hf_generate_fn` at T = 1; for the chain regimes each model turn also stops at `</python>`.
 
-    `model.generate` stops only at end-of-sequence ids, so without this every turn decodes the whole remaining
-    budget and the engine throws away everything after `</python>`: with 6 calls and a 256-token budget that is
-    several times the decoding (the same samples in distribution, a fraction of the time). Today's `tiny` task
-    keeps the plain function, so its committed runs stay reproducible.
+    Without the stop strings every turn decodes the whole remaining budget and the engine throws away everything
+    after `</python>`: with 6 calls and a 256-token budget that is several times the decoding (the same samples
+    in distribution, a fraction of the time). Today's `tiny` task keeps the eos-only function, so its committed
+    runs stay reproducible (an early stop draws fewer random numbers, so later turns sample other ids).
     """
     from trl_appo.evaluation import make_hf_generate_fn
 
     if s.regime == "tiny":
         return make_hf_generate_fn(model, tok, temperature=1.0)
-    config = model.generation_config
-    old = config.eos_token_id
-    eos = list(old if isinstance(old, (list, tuple)) else [old if old is not None else tok.eos_token_id])
-    config.eos_token_id = eos + tok.convert_tokens_to_ids(["</python>", "</search>"])
-    try:
-        return make_hf_generate_fn(model, tok, temperature=1.0)  # reads the stop ids now
-    finally:
-        config.eos_token_id = old
+    return make_hf_generate_fn(model, tok, temperature=1.0, stop_strings=("</python>", "</search>"))
 
 
 def _rows_with_gold(data, s: Settings) -> list[dict[str, Any]]:

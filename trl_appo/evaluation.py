@@ -21,12 +21,13 @@ import asyncio
 import inspect
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trl_appo.rewards import answer_type_reward
+from trl_appo.rollout.stopping import stopping_criteria, strip_stop_padding
 
 ScoreFn = Callable[..., list[float | None]]
 
@@ -334,6 +335,8 @@ def make_hf_generate_fn(
     max_new_tokens: int | None = None,
     batch_size: int | None = None,
     top_k: int = 0,
+    stop_strings: Sequence[str] = (),
+    stop_token_ids: Iterable[int] = (),
 ) -> Callable[[list[list[int]], int, int], tuple[list[list[int]], None]]:
     """The engine's ``GenerateFn`` over ``model.generate`` (no trainer needed).
 
@@ -344,12 +347,19 @@ def make_hf_generate_fn(
     Returns the new ids per row, cut after the first end-of-sequence token (padding dropped), and None for
     log-probs. An empty ``contexts`` list gives ``([], None)``. The model runs in eval mode under no_grad and
     its train/eval mode is restored afterwards.
+
+    ``stop_strings`` / ``stop_token_ids``: also end a row there (pass the engine protocol's ``stop_strings`` and
+    ``stop_token_ids``, e.g. ``("</python>",)`` for the tag protocol), so a tool turn does not decode the whole
+    remaining budget only for the engine to cut it at the closing tag. They stop decoding only (they are not eos
+    ids: the returned rows are cut at eos as before, padding after an early stop dropped), so the engine sees the
+    same ids up to the stop.
     """
     import torch
 
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
     eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids))
+    criteria = stopping_criteria(tokenizer, tuple(stop_strings), stop_token_ids)
 
     def generate_fn(contexts: list[list[int]], num_generations: int, budget: int) -> tuple[list[list[int]], None]:
         if not contexts:
@@ -380,10 +390,13 @@ def make_hf_generate_fn(
                         pad_token_id=pad_id,
                         eos_token_id=sorted(eos_ids),
                         use_cache=True,  # transformers' Trainer writes use_cache=False into model.config
+                        stopping_criteria=criteria,
                         **sampling,
                     )
                 for row in sequences[:, width:].tolist():
                     cut = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
+                    if criteria is not None and cut == len(row):  # a row stopped early is padded after its stop
+                        row = strip_stop_padding(row, pad_id)
                     out.append(row[:cut])
         finally:
             model.train(was_training)

@@ -52,6 +52,7 @@ from .budget import BudgetMeter, rollout_spend
 from .branching import StepOutput, StepSettings
 from .config import APPOConfig
 from .rollout.build import build_engine, completions_for_rewards, executed_tool_calls
+from .rollout.stopping import generate_stopping_at, stopping_criteria, strip_stop_padding
 from .step_metrics import budget_metrics, rollout_metrics
 
 logger = logging.get_logger(__name__)
@@ -203,6 +204,7 @@ class APPOTrainer(GRPOTrainer):
 
     _tag_names = ["trl", "appo"]
     _name = "APPO"
+    _appo_early_stop = True  # stop generate at the protocol's stops (`_protocol_stops`); False: eos only, as TRL
     _paper = {
         "title": "APPO: Agentic Procedural Policy Optimization",
         "id": "2606.12384",
@@ -372,9 +374,34 @@ class APPOTrainer(GRPOTrainer):
             self._generate_single_turn([[self._tokenizer.pad_token_id]], None, {}, 1)
             return [], None
         gen_config = getattr(self, "generation_config", None)
-        with self._max_new_tokens(gen_config, max_new_tokens):
+        with self._max_new_tokens(gen_config, max_new_tokens), self._protocol_stops() as stopping:
             ids, logprobs = self._generate_single_turn(contexts, None, {}, num_generations)
+        if stopping and self._tokenizer.pad_token_id not in set(self.eos_token_ids):
+            ids = [strip_stop_padding(row, self._tokenizer.pad_token_id) for row in ids]
         return ids, logprobs
+
+    @contextlib.contextmanager
+    def _protocol_stops(self):
+        """The transformers `generate` path also stops each row at the engine protocol's stops (`</python>`, ...).
+
+        TRL's generate call stops at eos only, so a tool turn would decode the whole remaining budget and the engine
+        would cut it at the closing tag (`trl_appo.rollout.stopping`). Yields whether criteria were added. vLLM and
+        transformers' continuous batching keep their own stop handling (untouched); the stops are never eos ids,
+        so TRL's eos trimming and masks are unchanged.
+        """
+        engine = getattr(self, "_appo_engine", None)
+        if (not self._appo_early_stop or engine is None or self.use_vllm
+                or getattr(self, "use_transformers_continuous_batching", False)):
+            yield False
+            return
+        if getattr(self, "_appo_stopping", None) is None:
+            protocol = engine.protocol  # eos ids already end generate; only the protocol's other stops are added
+            self._appo_stopping = stopping_criteria(
+                protocol.tokenizer, protocol.stop_strings, set(protocol.stop_token_ids) - set(self.eos_token_ids)
+            ) or ()
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        with generate_stopping_at(model, self._appo_stopping):
+            yield bool(self._appo_stopping)
 
     @contextlib.contextmanager
     def _max_new_tokens(self, gen_config, max_new_tokens: int):

@@ -104,9 +104,14 @@ def run(args: EvalCommand, rest: list[str] | None = None) -> int:
     tools_names = [t.name for t in tools] or ["none"]
     # Training's engine rules (trl_appo.rollout.build_engine): evaluation stops where training does.
     engine = build_engine(
-        make_hf_generate_fn(model, tokenizer, temperature=args.temperature, top_p=args.top_p), tokenizer, tools,
+        None, tokenizer, tools,
         protocol=args.protocol, max_completion_length=args.max_completion_length, max_tool_calls=args.max_tool_calls,
         eos_token_ids=eos_token_ids_of(model, tokenizer),
+    )
+    # Each model turn stops at the protocol's stops (`</python>`), as training's generate does.
+    engine.generate_fn = make_hf_generate_fn(
+        model, tokenizer, temperature=args.temperature, top_p=args.top_p,
+        stop_strings=engine.protocol.stop_strings, stop_token_ids=engine.protocol.stop_token_ids,
     )
     show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
     bar = _with_progress(engine, len(ds), show)

@@ -157,9 +157,28 @@ def test_malformed_tool_calls_with_branching(tiny_model, tiny_tokenizer, tmp_pat
     trainer._generate_single_turn = scripted(tiny_tokenizer, scripts)
     runs, branch_runs = train_and_check_params(trainer)
     roots = runs.calls[0][2]
-    # Malformed calls never reach the tool and count as failures; the model is told (APPO's engine), TRL ends it.
-    assert [r.tool_stats.failures for r in roots] == [r.tool_stats.calls for r in roots] == [1, 1]
+    # As GRPOTrainer (on_malformed_tool_call="end", the default): an unreadable call leaves the turn as text and
+    # ends the episode; nothing runs, nothing is generated after it.
+    assert [r.tool_stats.calls for r in roots] == [r.tool_stats.failures for r in roots] == [0, 0]
+    assert [r.finish_reason for r in roots] == ["stop", "stop"]
+    assert not any(m.get("role") == "tool" for r in roots for m in r.messages)
     assert all(b.finish_reason in ("stop", "length") for c in branch_runs for b in c[2])
+
+
+def test_malformed_tool_calls_told_to_the_model_on_request(tiny_model, tiny_tokenizer, tmp_path):
+    scripts = [
+        [f'<tool_call>\n{{"arguments": {{"a": 3, "b": 4}}}}\n</tool_call>{END}', f"Then it is 12.{END}"],  # no name
+        [f'<tool_call>\n{{"arguments": {{a: 3, b: 4}}}}\n</tool_call>{END}', f"Hm.{END}"],  # not JSON
+    ]
+    args = make_args(tmp_path, per_device_train_batch_size=4, num_generations=4, num_branches=1,
+                     on_malformed_tool_call="message")
+    trainer = make_trainer(tiny_model, tiny_tokenizer, args, tools=[multiply_tool])
+    trainer._generate_single_turn = scripted(tiny_tokenizer, scripts)
+    runs, _ = train_and_check_params(trainer)
+    roots = runs.calls[0][2]
+    # "message": malformed calls never reach the tool, count as failures, and the model gets another turn.
+    assert [r.tool_stats.failures for r in roots] == [r.tool_stats.calls for r in roots] == [1, 1]
+    assert all(any("malformed" in m.get("content", "") for m in r.messages if m.get("role") == "tool") for r in roots)
 
 
 def test_mask_truncated_completions_with_branching(tiny_model, tiny_tokenizer, tmp_path):

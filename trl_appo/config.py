@@ -32,6 +32,7 @@ BRANCH_SCHEDULES = ("per_update", "per_generation")
 BRANCH_SELECTIONS = ("per_root", "pooled")
 OMEGA_REFERENCES = ("behaviour", "reference")
 TOOL_PROTOCOLS = ("tags", "chat")
+MALFORMED_CALL_POLICIES = ("end", "message")  # trl_appo.rollout.protocols.MALFORMED_CALL_POLICIES
 BRANCH_LOSSES = ("none", "suffix")
 BRANCH_POINT_TOKENS = ("keep", "resample")
 ROLLOUT_BUDGETS = ("rollouts", "tokens")
@@ -280,6 +281,15 @@ class APPOConfig(GRPOConfig):
             "calls are answered with an error message the model sees and do not run. None = unlimited."
         },
     )
+    on_malformed_tool_call: str = field(
+        default="end",
+        metadata={
+            "help": "tool_protocol='chat', a tool call the response parser cannot read (bad JSON, no name): 'end' "
+            "(default, as GRPOTrainer: the turn stands as text and the episode ends) or 'message' (the model is told "
+            "with a tool error and gets another turn). Unknown tools and wrong arguments are always answered with an "
+            "error, as in GRPOTrainer."
+        },
+    )
     max_concurrent_tool_calls: int | None = field(
         default=16,
         metadata={
@@ -380,6 +390,7 @@ class APPOConfig(GRPOConfig):
         check_choice("omega_reference", self.omega_reference, OMEGA_REFERENCES)
         check_choice("future_kl_form", self.future_kl_form, tuple(core.FUTURE_KL_FORMS))
         check_choice("tool_protocol", self.tool_protocol, TOOL_PROTOCOLS)
+        check_choice("on_malformed_tool_call", self.on_malformed_tool_call, MALFORMED_CALL_POLICIES)
         check_choice("branch_loss", self.branch_loss, BRANCH_LOSSES)
         check_choice("branch_point_token", self.branch_point_token, BRANCH_POINT_TOKENS)
         check_choice("branch_advantage", self.branch_advantage, tuple(core.BRANCH_ADVANTAGES))

@@ -348,6 +348,7 @@ class APPOTrainer(GRPOTrainer):
             tool_timeout=args.tool_timeout, max_tool_output_chars=args.max_tool_output_chars,
             max_tool_calls_per_turn=args.max_tool_calls_per_turn,
             max_concurrent_tool_calls=args.max_concurrent_tool_calls,
+            on_malformed_tool_call=args.on_malformed_tool_call,
             should_continue=self._engine_should_continue if self.accelerator.num_processes > 1 else None,
         )
 

@@ -42,6 +42,7 @@ def build_engine(
     max_tool_output_chars: int | None = None,
     max_tool_calls_per_turn: int | None = DEFAULT_MAX_TOOL_CALLS_PER_TURN,
     max_concurrent_tool_calls: int | None = DEFAULT_MAX_CONCURRENT_CALLS,
+    on_malformed_tool_call: str = "end",
     should_continue: Callable[[bool], bool] | None = None,
 ) -> RolloutEngine:
     """A `RolloutEngine` with training's stop rules (module docstring).
@@ -54,6 +55,8 @@ def build_engine(
         tool_timeout, max_tool_output_chars: the tool registry's limits (default: `ToolRegistry`'s).
         max_tool_calls_per_turn: calls one model turn may run (None: unlimited); the turn's further calls are refused.
         max_concurrent_tool_calls: calls running at once over all rollouts of the registry (None: unlimited).
+        on_malformed_tool_call: chat protocol, a call its parser cannot read: "end" (default, as GRPOTrainer: the
+            turn stands as text and the episode ends) or "message" (the model gets a tool error and another turn).
         should_continue: the multi-process "any rank still active?" collective (the trainer's).
     """
     from ..tools import ToolRegistry
@@ -70,7 +73,8 @@ def build_engine(
         engine_protocol = protocol
     elif protocol == "chat":
         engine_protocol = ChatTemplateProtocol(
-            tokenizer, chat_template_kwargs=_training_template_kwargs(tokenizer, chat_template_kwargs, has_tools))
+            tokenizer, chat_template_kwargs=_training_template_kwargs(tokenizer, chat_template_kwargs, has_tools),
+            on_malformed=on_malformed_tool_call)
     elif protocol == "tags":
         tags = dict.fromkeys(("python", "search", *registry.names)) if has_tools else {}
         engine_protocol = TagProtocol(tokenizer, tags=tuple(tags), chat_template_kwargs=chat_template_kwargs)

@@ -279,6 +279,10 @@ class TagProtocol(ToolProtocol):
         return match.group(1) if match else text
 
 
+MALFORMED_CALL_POLICIES = ("message", "end")
+"""What a chat protocol does with a tool call its parser cannot read (`ChatTemplateProtocol(on_malformed=)`)."""
+
+
 class ChatTemplateProtocol(ToolProtocol):
     """Tool calls in the chat template's own format (Qwen's `<tool_call>{json}</tool_call>`, ...), as TRL does.
 
@@ -289,10 +293,16 @@ class ChatTemplateProtocol(ToolProtocol):
     Args:
         tokenizer: the tool-aware tokenizer.
         chat_template_kwargs: extra `apply_chat_template` arguments (e.g. `enable_thinking`).
+        on_malformed: a call the parser cannot read (bad JSON, no name, not an object): "message" (default here:
+            the model gets a tool error and another turn) or "end" (GRPOTrainer's behaviour: the turn is text and
+            the episode ends; the trainer's default, so a class swap rolls out as GRPOTrainer does).
     """
 
-    def __init__(self, tokenizer: Any, chat_template_kwargs: dict | None = None):
+    def __init__(self, tokenizer: Any, chat_template_kwargs: dict | None = None, on_malformed: str = "message"):
         super().__init__(tokenizer)
+        if on_malformed not in MALFORMED_CALL_POLICIES:
+            raise ValueError(f"on_malformed must be one of {list(MALFORMED_CALL_POLICIES)}, got {on_malformed!r}")
+        self.on_malformed = on_malformed
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         template = getattr(tokenizer, "response_template", None) or {}
         # The marker that opens a call: counting it finds calls the parser could not read (malformed JSON).
@@ -331,12 +341,17 @@ class ChatTemplateProtocol(ToolProtocol):
             calls = [self._to_call(c) for c in message.get("tool_calls") or []]
         except Exception as exc:  # noqa: BLE001 - any parser failure (RecursionError on deep JSON, ...)
             # is the model's malformed call, told to the model, never an exception out of the rollout.
+            if self.on_malformed == "end":
+                return TurnParse(ends_episode=True)
             n_open = max(1, self.decode(run_ids).count(self.call_open))
             error = f"malformed tool call: could not parse it ({type(exc).__name__})"
             return TurnParse(calls=[ToolCall("unknown", {}, error=error) for _ in range(n_open)])
         # A call the parser could not read vanishes from the message (parse_response falls back to text):
         # count the opening markers so the model is told about it instead of the episode silently ending.
         n_open = self.decode(run_ids).count(self.call_open)
+        unreadable = n_open > len(calls) or any(c.error and c.error.startswith("malformed") for c in calls)
+        if unreadable and self.on_malformed == "end":  # GRPOTrainer: an unreadable call leaves the turn as text
+            return TurnParse(ends_episode=True)
         for _ in range(n_open - len(calls)):
             calls.append(ToolCall("unknown", {}, error="malformed tool call: could not parse its JSON"))
         return TurnParse(calls=calls, ends_episode=not calls)

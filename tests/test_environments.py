@@ -10,6 +10,8 @@ from datasets import Dataset
 from trl_appo.config import APPOConfig
 from trl_appo.testing import conversational_prompts, encode
 
+from test_trainer import Recorder
+
 QUESTIONS = ["What is 3 times 4?", "Count to two.", "Say hi.", "Add 1 and 2."]
 HEADER = "<|im_start|>assistant\n"
 END = "<|im_end|>"
@@ -93,18 +95,6 @@ def make_trainer(model, tokenizer, args, reward=length_reward, dataset=None, **k
 
     ds = dataset if dataset is not None else Dataset.from_dict({"prompt": conversational_prompts(QUESTIONS)})
     return APPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tokenizer, **kw)
-
-
-class Recorder:
-    def __init__(self, obj, name):
-        self.calls = []
-        self._orig = getattr(obj, name)
-        setattr(obj, name, self)
-
-    def __call__(self, *args, **kwargs):
-        out = self._orig(*args, **kwargs)
-        self.calls.append((args, kwargs, out))
-        return out
 
 
 def train_and_check_params(trainer):

@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import copy
 import cProfile
-import hashlib
 import io
 import json
 import math
@@ -113,8 +112,9 @@ class Settings:
 
     def warm_key(self) -> str:
         keys = ("hidden", "layers", "sft_steps", "sft_lr", "sft_rows", "warm_seed")
-        blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
-        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+        from trl_appo.testbed import cache_key
+
+        return cache_key({k: getattr(self, k) for k in keys})
 
 
 # ------------------------------------------------------------------------------------------------ environment
@@ -133,15 +133,12 @@ class Resources:
     """Build the tokenizer, the warm-started weights (cached), data and tools once per process."""
 
     def __init__(self, s: Settings, cache_dir: Path, log=print):
-        import torch
-
         from trl_appo import tasks
-        from trl_appo.demo import MINI_CHAT_TEMPLATE
-        from trl_appo.testing import build_tiny_tokenizer
+        from trl_appo.testbed import tiny_tokenizer
         from trl_appo.tools import PythonTool
 
         self.s = s
-        self.tokenizer = build_tiny_tokenizer(chat_template=MINI_CHAT_TEMPLATE)
+        self.tokenizer = tiny_tokenizer()
         self.data = tasks.make_tiny_tasks(s.n_train, s.heldout, seed=0)
         self.tools = [PythonTool()]
         from learning import warm_state  # one warm start for both benchmarks (same settings, same cache key)
@@ -154,27 +151,19 @@ class Resources:
             self.warm_start["seconds"] = round(time.perf_counter() - t0, 1)
 
     def new_model(self, load: bool = True):
-        import torch
+        from trl_appo.testbed import tiny_model
 
-        from trl_appo.testing import build_tiny_model
-
-        s = self.s
-        torch.manual_seed(s.warm_seed)
-        model = build_tiny_model(self.tokenizer, hidden_size=s.hidden, num_layers=s.layers, num_heads=4,
-                                 num_kv_heads=2, intermediate_size=4 * s.hidden, seed=s.warm_seed)
-        if load:
-            model.load_state_dict(self.state)
-        return model
+        return tiny_model(self.tokenizer, self.s.hidden, self.s.layers, self.s.warm_seed, self.state if load else None)
 
 
 def make_args(s: Settings, criterion: str, output_dir: Path, seed: int, steps: int, log_trees: bool):
-    from trl_appo.demo import _common_args
+    from trl_appo.testbed import run_args
 
     # the clip settings and future-KL form the committed results were measured with (see benchmarks/learning.py)
     kw = {"epsilon_high": 0.28, "delta": 3.0, "future_kl_normalize": False, **CRITERIA[criterion]}
     if kw["branch_criterion"] != "none":
         kw["num_roots"] = s.num_roots
-    return _common_args(
+    return run_args(
         output_dir, seed, learning_rate=s.learning_rate, lr_scheduler_type="constant", max_steps=steps,
         num_generations=s.num_generations, per_device_train_batch_size=s.per_device_train_batch_size,
         steps_per_generation=s.steps_per_generation, gradient_accumulation_steps=1,
@@ -185,17 +174,12 @@ def make_args(s: Settings, criterion: str, output_dir: Path, seed: int, steps: i
 
 
 def make_trainer(res: Resources, args, callbacks=()):
+    from trl_appo import testbed
     from trl_appo.rewards import format_answer_type_reward
-    from trl_appo.trainer import APPOTrainer
 
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    trainer = APPOTrainer(model=res.new_model(), processing_class=res.tokenizer, args=args,
-                          train_dataset=res.data["train"], reward_funcs=[format_answer_type_reward],
-                          tools=res.tools, callbacks=list(callbacks))
-    trainer.remove_callback(PrinterCallback)  # the log dicts go to the JSON, not the terminal
-    trainer.remove_callback(ProgressCallback)
-    return trainer
+    # the log dicts go to the JSON, not the terminal
+    return testbed.make_trainer(res.new_model(), res.tokenizer, args, res.data["train"], [format_answer_type_reward],
+                                res.tools, callbacks=list(callbacks))
 
 
 # ------------------------------------------------------------------------------------------------ instrumentation
@@ -414,27 +398,15 @@ def part_cost(res: Resources, workdir: Path, log=print, profile: bool = False) -
 
 
 def heldout_pass1(res: Resources, model, seed: int = 1234) -> dict[str, float]:
-    import torch
-
-    from trl_appo.evaluation import evaluate, make_hf_generate_fn
+    from trl_appo import testbed
     from trl_appo.rewards import format_answer_type_reward
-    from trl_appo.rollout import eos_token_ids_of
 
     s = res.s
-    with torch.random.fork_rng(devices=[]):  # the training RNG is left as it was
-        torch.manual_seed(seed)
-        r = evaluate(
-            res.data["heldout"], generate_fn=make_hf_generate_fn(model, res.tokenizer, temperature=1.0),
-            tokenizer=res.tokenizer, protocol="tags", tools=res.tools,
-            eos_token_ids=eos_token_ids_of(model, res.tokenizer), n=s.eval_samples, ks=(1,),
-            score_fn=format_answer_type_reward, threshold=1.0, batch_size=64,
-            max_completion_length=s.max_completion_length, max_tool_calls=s.max_tool_calls, temperature=1.0,
-            keep_text=False,
-        )
-    scored = [x["score"] for x in r.samples if x["score"] is not None]
-    return {"pass@1": r.overall.pass_at[1], "mean_reward": r.overall.mean_score,
-            "format_ok": statistics.fmean(x > -1 for x in scored) if scored else math.nan,
-            "tool_calls_per_rollout": r.overall.tool_calls_per_rollout}
+    r = testbed.heldout_eval(model, res.tokenizer, res.data["heldout"], n=s.eval_samples, seed=seed, tools=res.tools,
+                             score_fn=format_answer_type_reward, batch_size=64,
+                             max_completion_length=s.max_completion_length, max_tool_calls=s.max_tool_calls,
+                             keep_text=False)
+    return testbed.pass1_numbers(r)
 
 
 def part_learning(res: Resources, workdir: Path, log=print) -> dict[str, Any]:

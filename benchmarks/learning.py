@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import hashlib
 import json
 import math
 import os
@@ -164,7 +163,9 @@ class Settings:
         keys = ("hidden", "layers", "sft_steps", "sft_lr", "sft_rows", "warm_seed")
         if self.regime != "tiny":  # the SFT data (chain regimes with the same SFT share it); tiny's key is unchanged
             keys += ("sft_chain_lengths",)
-        return hashlib.sha1(json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True).encode()).hexdigest()[:12]
+        from trl_appo.testbed import cache_key
+
+        return cache_key({k: getattr(self, k) for k in keys})
 
 
 # The regimes where trees should win (issue 15, item 4), designed before any APPO result on them. Each is a chain
@@ -267,56 +268,29 @@ def _setup_process() -> None:
 
 
 def warm_state(s: Settings, cache_dir: Path, log=print):
-    """The SFT warm-start weights, computed once and cached by their settings."""
-    import torch
+    """The SFT warm-start weights, computed once and cached by their settings (`trl_appo.testbed.warm_state`)."""
+    from functools import partial
 
-    from trl_appo import tasks
-    from trl_appo.sft import sft_warm_start, tag_transcript_example
+    from trl_appo import tasks, testbed
 
-    path = cache_dir / f"warm_{s.warm_key()}.pt"
-    if path.exists():
-        log(f"[warm start] loaded cached weights {path}")
-        return torch.load(path, weights_only=True)
-    tok = tokenizer()
-    model = new_model(s, tok, None)
     if getattr(s, "regime", "tiny") == "tiny":  # compare.py passes its own settings (today's task)
-        rows = tasks.make_sft_transcripts(s.sft_rows, seed=s.warm_seed + 1)
+        rows = partial(tasks.make_sft_transcripts, s.sft_rows, seed=s.warm_seed + 1)
     else:
-        rows = tasks.chain_sft_transcripts(s.sft_rows, seed=s.warm_seed + 1, lengths=s.sft_chain_lengths)
-    examples = [
-        tag_transcript_example(tok, tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False),
-                               r["completion"][0]["content"])
-        for r in rows
-    ]
-    t0 = time.perf_counter()
-    hist = sft_warm_start(model, tok, examples, steps=s.sft_steps, lr=s.sft_lr, seed=s.warm_seed, progress=False)
-    log(f"[warm start] SFT {s.sft_steps} steps in {time.perf_counter() - t0:.0f} s, final loss "
-        f"{statistics.fmean(hist.loss[-10:]):.4f} -> {path}")
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
-    return state
+        rows = partial(tasks.chain_sft_transcripts, s.sft_rows, seed=s.warm_seed + 1, lengths=s.sft_chain_lengths)
+    return testbed.warm_state(cache_dir / f"warm_{s.warm_key()}.pt", hidden=s.hidden, layers=s.layers,
+                              seed=s.warm_seed, sft_steps=s.sft_steps, sft_lr=s.sft_lr, rows=rows, log=log)
 
 
 def tokenizer():
-    from trl_appo.demo import MINI_CHAT_TEMPLATE
-    from trl_appo.testing import build_tiny_tokenizer
+    from trl_appo.testbed import tiny_tokenizer
 
-    return build_tiny_tokenizer(chat_template=MINI_CHAT_TEMPLATE)
+    return tiny_tokenizer()
 
 
 def new_model(s: Settings, tok, state):
-    import torch
+    from trl_appo.testbed import tiny_model
 
-    from trl_appo.testing import build_tiny_model
-
-    torch.manual_seed(s.warm_seed)
-    model = build_tiny_model(tok, hidden_size=s.hidden, num_layers=s.layers, num_heads=4, num_kv_heads=2,
-                             intermediate_size=4 * s.hidden, seed=s.warm_seed)
-    if state is not None:
-        model.load_state_dict(state)
-    return model
+    return tiny_model(tok, s.hidden, s.layers, s.warm_seed, state)
 
 
 def task_data(s: Settings):
@@ -388,21 +362,14 @@ def failure_mode(text: str, score: float | None, gold: str) -> str:
 
 
 def heldout_eval(model, tok, data, s: Settings, eval_seed: int, samples: int | None = None) -> dict[str, Any]:
-    import torch
-
-    from trl_appo.evaluation import evaluate
-    from trl_appo.rollout import eos_token_ids_of
+    from trl_appo.testbed import heldout_eval as evaluate
 
     n = samples or s.samples
     t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(eval_seed)
-        res = evaluate(
-            data, generate_fn=eval_generate_fn(model, tok, s), tokenizer=tok,
-            protocol="tags", tools=[make_tool()], eos_token_ids=eos_token_ids_of(model, tok), n=n,
-            ks=sorted({1, min(4, n), n}), score_fn=reward_fn(s), threshold=1.0, batch_size=s.eval_batch,
-            max_completion_length=s.max_completion_length, max_tool_calls=s.max_tool_calls, temperature=1.0,
-        )
+    res = evaluate(model, tok, data, n=n, seed=eval_seed, tools=[make_tool()], score_fn=reward_fn(s),
+                   batch_size=s.eval_batch, max_completion_length=s.max_completion_length,
+                   max_tool_calls=s.max_tool_calls, ks=sorted({1, min(4, n), n}),
+                   generate_fn=eval_generate_fn(model, tok, s))
     modes: dict[str, int] = {}
     rows = _rows_with_gold(data, s)
     for x in res.samples:
@@ -482,10 +449,8 @@ def run_one(variant: str, seed: int, s: Settings, cache_dir: Path, out_path: Pat
     _setup_process()
     import torch
     from transformers import TrainerCallback
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from trl_appo.demo import _common_args
-    from trl_appo.trainer import APPOTrainer
+    from trl_appo.testbed import make_trainer, run_args
 
     tok = tokenizer()
     state = warm_state(s, cache_dir)
@@ -495,7 +460,7 @@ def run_one(variant: str, seed: int, s: Settings, cache_dir: Path, out_path: Pat
     M = kw.pop("num_generations", s.num_generations) * kw.pop("m_factor", 1)
     learning_rate = lr if lr is not None else kw.pop("learning_rate", s.learning_rate)
     kw.pop("learning_rate", None)
-    args = _common_args(
+    args = run_args(
         out_path.parent / f"_work_{out_path.stem}", seed, learning_rate=learning_rate,
         lr_scheduler_type="constant", max_steps=s.steps, num_generations=M,
         per_device_train_batch_size=M * s.prompts_per_step, steps_per_generation=s.steps_per_generation,
@@ -506,10 +471,7 @@ def run_one(variant: str, seed: int, s: Settings, cache_dir: Path, out_path: Pat
     torch.manual_seed(seed)
     model = new_model(s, tok, state)
     counter = ArithmeticPython()  # counts every tool call of training (roots and branches)
-    trainer = APPOTrainer(model=model, processing_class=tok, args=args, train_dataset=data["train"],
-                          reward_funcs=[reward_fn(s)], tools=[make_tool(counter)])
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
+    trainer = make_trainer(model, tok, args, data["train"], [reward_fn(s)], [make_tool(counter)])
     curve: list[dict[str, Any]] = []
     clock = {"train": 0.0, "t": 0.0}
     label = run_label(variant, s, lr)

@@ -37,12 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from .records import NEAR_TOOL_WINDOW, near_tool
-
-# The minimal template of the tiny model: the question only (system prompts are dropped on purpose).
-MINI_CHAT_TEMPLATE = (
-    "{%- for m in messages %}{%- if m['role'] == 'user' %}{{ m['content'] }}{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '\n' }}{%- endif %}"
-)
+from .testbed import MINI_CHAT_TEMPLATE  # noqa: F401 (still importable from here)
+from .testbed import cache_key, heldout_eval, pass1_numbers, sft_examples, tiny_model
+from .testbed import run_args as _common_args
 
 
 @dataclass
@@ -214,36 +211,13 @@ def demo_python_tool():
 
 
 def _make_trainer(model, tokenizer, args, train_dataset, reward_funcs, tools, peft_config=None, label=None):
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl_appo.testbed import make_trainer
 
-    from trl_appo.trainer import APPOTrainer
-
-    trainer = APPOTrainer(model=model, processing_class=tokenizer, args=args, train_dataset=train_dataset,
-                          reward_funcs=reward_funcs, tools=tools, peft_config=peft_config)
-    trainer.remove_callback(PrinterCallback)  # with --no-progress it would print every log dict
+    # TRL's printer would print every log dict with --no-progress; ours shows the progress otherwise
+    trainer = make_trainer(model, tokenizer, args, train_dataset, reward_funcs, tools, peft_config=peft_config)
     if not args.disable_tqdm:
-        trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_progress_callback(label))
     return trainer
-
-
-def _common_args(output_dir: Path, seed: int, **kw):
-    from trl_appo.config import APPOConfig
-
-    base = dict(
-        output_dir=str(output_dir), bf16=False, use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
-        gradient_checkpointing=False, tool_protocol="tags", log_branch_trees=True, seed=seed, temperature=1.0,
-        disable_tqdm=False, dataloader_num_workers=0,
-        # transformers 5 TrainingArguments.use_cache defaults to False and the Trainer writes it into
-        # model.config, so generation would run without a KV cache (~8x slower decoding on CPU).
-        use_cache=True,
-    )
-    base.update(kw)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return APPOConfig(**base)
 
 
 def _metric_means(log_history: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> dict[str, float]:
@@ -329,28 +303,13 @@ def run_part_a(out: Path, s: DemoSettings, progress: bool = True) -> PartResult:
 
 
 def _heldout_eval(model, tokenizer, heldout, s: DemoSettings, tools, label: str) -> dict[str, float]:
-    import torch
-
-    from trl_appo.evaluation import evaluate, make_hf_generate_fn
     from trl_appo.rewards import format_answer_type_reward
-    from trl_appo.rollout import eos_token_ids_of
 
     t0 = time.perf_counter()
-    torch.manual_seed(s.seed + 1234)  # the same sampling noise before and after
-    res = evaluate(
-        heldout, generate_fn=make_hf_generate_fn(model, tokenizer, temperature=1.0), tokenizer=tokenizer,
-        protocol="tags", tools=tools, eos_token_ids=eos_token_ids_of(model, tokenizer), n=s.b_eval_samples, ks=(1,),
-        score_fn=format_answer_type_reward, threshold=1.0, batch_size=32,
-        max_completion_length=s.b_max_completion_length, max_tool_calls=2, temperature=1.0,
-    )
-    scored = [x["score"] for x in res.samples if x["score"] is not None]
-    numbers = {
-        "pass@1": res.overall.pass_at[1],
-        "mean_reward": res.overall.mean_score,
-        "format_ok": statistics.fmean(x > -1 for x in scored) if scored else math.nan,
-        "tool_calls_per_rollout": res.overall.tool_calls_per_rollout,
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
+    res = heldout_eval(model, tokenizer, heldout, n=s.b_eval_samples, seed=s.seed + 1234, tools=tools,
+                       score_fn=format_answer_type_reward, batch_size=32,
+                       max_completion_length=s.b_max_completion_length, max_tool_calls=2)
+    numbers = {**pass1_numbers(res), "seconds": round(time.perf_counter() - t0, 1)}  # same noise before and after
     print(f"  held-out {label}: Pass@1 {numbers['pass@1']:.3f}, mean reward {numbers['mean_reward']:+.3f}, "
           f"format ok {numbers['format_ok']:.2f} ({len(heldout)} questions x {s.b_eval_samples} samples, "
           f"{numbers['seconds']} s)")
@@ -360,20 +319,11 @@ def _heldout_eval(model, tokenizer, heldout, s: DemoSettings, tools, label: str)
 def _tiny_model_and_sft_examples(s: DemoSettings):
     """Part B's tokenizer, its fresh tiny model and the SFT transcripts of its warm start."""
     from trl_appo import tasks
-    from trl_appo.sft import tag_transcript_example
-    from trl_appo.testing import build_tiny_model, build_tiny_tokenizer
+    from trl_appo.testbed import tiny_tokenizer
 
-    tokenizer = build_tiny_tokenizer(chat_template=MINI_CHAT_TEMPLATE)
-    model = build_tiny_model(tokenizer, hidden_size=s.b_hidden, num_layers=s.b_layers, num_heads=4, num_kv_heads=2,
-                             intermediate_size=4 * s.b_hidden, seed=s.seed)
-    examples = [
-        tag_transcript_example(
-            tokenizer, tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False),
-            r["completion"][0]["content"],
-        )
-        for r in tasks.make_sft_transcripts(2000, seed=s.seed + 1)
-    ]
-    return tokenizer, model, examples
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer, s.b_hidden, s.b_layers, s.seed)
+    return tokenizer, model, sft_examples(tokenizer, tasks.make_sft_transcripts(2000, seed=s.seed + 1))
 
 
 WARM_CACHE = Path("~/.cache/trl_appo/tiny_warm")
@@ -384,29 +334,21 @@ def warm_tiny_model(s: DemoSettings | None = None, cache_dir: str | os.PathLike 
     """(model, tokenizer): Part B's tiny model after its SFT warm start, the starting point of the CPU recipe
     (`model_name_or_path: tiny_warm`). The SFT (~1 min on 2 cores) runs once; its weights are cached in
     `~/.cache/trl_appo/tiny_warm/` (TRL_APPO_CACHE overrides the folder) under a key of the settings."""
-    import hashlib
+    from functools import partial
 
-    import torch
-
-    from trl_appo.sft import sft_warm_start
+    from trl_appo import tasks, testbed
 
     s = s or DemoSettings()
-    keys = {k: getattr(s, k) for k in ("b_hidden", "b_layers", "b_sft_steps", "b_sft_lr", "seed")}
-    key = hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
+    key = cache_key({k: getattr(s, k) for k in ("b_hidden", "b_layers", "b_sft_steps", "b_sft_lr", "seed")})
     folder = Path(cache_dir or os.environ.get("TRL_APPO_CACHE") or WARM_CACHE).expanduser()
     path = folder / f"warm_{key}.pt"
-    torch.manual_seed(s.seed)
-    tokenizer, model, examples = _tiny_model_and_sft_examples(s)
-    if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model, tokenizer
-    log(f"[tiny_warm] SFT warm start of the demo's tiny model ({s.b_sft_steps} steps, once; cached in {folder})")
-    sft_warm_start(model, tokenizer, examples, steps=s.b_sft_steps, lr=s.b_sft_lr, seed=s.seed, progress=False)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, path)
-    return model, tokenizer
+    if not path.exists():
+        log(f"[tiny_warm] SFT warm start of the demo's tiny model ({s.b_sft_steps} steps, once; cached in {folder})")
+    state = testbed.warm_state(path, hidden=s.b_hidden, layers=s.b_layers, seed=s.seed, sft_steps=s.b_sft_steps,
+                               sft_lr=s.b_sft_lr, rows=partial(tasks.make_sft_transcripts, 2000, seed=s.seed + 1),
+                               log=lambda _msg: None)
+    tokenizer = testbed.tiny_tokenizer()
+    return tiny_model(tokenizer, s.b_hidden, s.b_layers, s.seed, state), tokenizer
 
 
 def run_part_b(out: Path, s: DemoSettings, progress: bool = True) -> PartResult:
@@ -416,7 +358,6 @@ def run_part_b(out: Path, s: DemoSettings, progress: bool = True) -> PartResult:
     from trl_appo import tasks
     from trl_appo.rewards import format_answer_type_reward
     from trl_appo.sft import sft_warm_start
-    from trl_appo.testing import build_tiny_model
 
     result = PartResult("B: tiny Qwen2 (~1M params), SFT warm start + APPO (learning)")
     t0 = time.perf_counter()
@@ -433,10 +374,7 @@ def run_part_b(out: Path, s: DemoSettings, progress: bool = True) -> PartResult:
     warm = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def train(run_dir: Path, label: str, **kw):
-        torch.manual_seed(s.seed)
-        net = build_tiny_model(tokenizer, hidden_size=s.b_hidden, num_layers=s.b_layers, num_heads=4,
-                               num_kv_heads=2, intermediate_size=4 * s.b_hidden, seed=s.seed)
-        net.load_state_dict(warm)
+        net = tiny_model(tokenizer, s.b_hidden, s.b_layers, s.seed, warm)
         args = _common_args(
             run_dir, s.seed, learning_rate=s.b_lr, lr_scheduler_type="constant", max_steps=s.b_steps,
             num_generations=s.b_num_generations, per_device_train_batch_size=s.b_batch,

@@ -30,8 +30,6 @@ fraction per schedule, branch vs root rewards, from the trainer's metrics and th
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import cProfile
 import io
 import json
@@ -43,7 +41,7 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 

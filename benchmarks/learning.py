@@ -51,7 +51,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,14 @@ VARIANTS.update({
     "suffix_joint_resample_lr2x_n4b1": {**_R, "learning_rate": 2e-4},
     "paper_resample_n4b1": {**VARIANTS["appo_paper_n4b1"], "branch_point_token": "resample"},
 })
+# The regimes' APPO methods (issue 15, items 2-3), all on the library defaults (no MEASURED_WITH pins):
+# a pure class swap at equal M; M as a decoded-token budget (`rollout_budget="tokens"`: N roots + N·B branches,
+# every leaf trained); the same with branches spent where the roots' rewards all agree or failed; the same,
+# branching once per generation batch (no Ω, one branch generate call per generation batch: issue 15, item 5).
+VARIANTS["appo"] = {}
+VARIANTS["appo_tokens"] = {"rollout_budget": "tokens"}
+VARIANTS["appo_tokens_need"] = {"rollout_budget": "tokens", "branch_allocation": "need"}
+VARIANTS["appo_tokens_pergen"] = {"rollout_budget": "tokens", "branch_schedule": "per_generation"}
 # The picture shows these (when run); every variant is in the table and the JSON.
 PLOT_VARIANTS = ("grpo", "appo_paper_n4b1", "suffix_dual_n4b1", "suffix_joint_resample_n4b1", "grpo_lr2x",
                  "appo_paper_lr2x_n4b1", "suffix_joint_resample_lr2x_n4b1")
@@ -476,9 +484,17 @@ def run_one(variant: str, seed: int, s: Settings, cache_dir: Path, out_path: Pat
     clock = {"train": 0.0, "t": 0.0}
     label = run_label(variant, s, lr)
 
-    def record(step: int) -> None:
-        ev = heldout_eval(trainer.model, tok, data["heldout"], s, eval_seed=10_000 + seed)
-        ev.pop("_samples")
+    def record(step: int, cache: Path | None = None) -> None:
+        # The start is the same warm start for every variant of a seed (same held-out draws): evaluated once.
+        if cache is not None and cache.exists():
+            ev = json.loads(cache.read_text())
+        else:
+            ev = heldout_eval(trainer.model, tok, data["heldout"], s, eval_seed=10_000 + seed)
+            ev.pop("_samples")
+            if cache is not None:
+                tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(ev))
+                os.replace(tmp, cache)
         hist = trainer.state.log_history
         curve.append({"step": step, "train_seconds": clock["train"], "decoded_tokens": decoded_tokens(hist),
                       "tool_calls": counter.calls, "tool_calls_logged": logged_tool_calls(hist, args), **ev})
@@ -496,7 +512,7 @@ def run_one(variant: str, seed: int, s: Settings, cache_dir: Path, out_path: Pat
                 record(state.global_step)
                 trainer.model.train(was_training)
 
-    record(0)
+    record(0, cache=cache_dir / f"eval0_{eval0_key(s, seed)}.json")
     trainer.add_callback(Clock())
     trainer.train()
     hist = trainer.state.log_history
@@ -505,7 +521,7 @@ def run_one(variant: str, seed: int, s: Settings, cache_dir: Path, out_path: Pat
     out = {
         "variant": variant, "label": label, "seed": seed, "regime": s.regime, "overrides": VARIANTS[variant],
         "num_generations": M, "budget_m": s.num_generations, "learning_rate": learning_rate,
-        "settings": asdict(s), "curve": curve,
+        "settings": asdict(s), "warm_key": s.warm_key(), "curve": curve,
         "train_reward_last": statistics.fmean(tail) if tail else math.nan,
         "train_seconds_per_step": clock["train"] / s.steps,
         "decoded_tokens_per_step": decoded_tokens(hist) / s.steps,
@@ -518,6 +534,14 @@ def run_one(variant: str, seed: int, s: Settings, cache_dir: Path, out_path: Pat
     tmp.write_text(json.dumps(out, indent=1))
     os.replace(tmp, out_path)
     return out
+
+
+def eval0_key(s: Settings, seed: int) -> str:
+    """Cache key of a run's step-0 evaluation: the warm start, the task and the evaluation's draws."""
+    from trl_appo.testbed import cache_key
+
+    keys = ("regime", "chain_lengths", "heldout", "samples", "eval_batch", "max_completion_length", "max_tool_calls")
+    return cache_key({"warm": s.warm_key(), "seed": seed, **{k: getattr(s, k) for k in keys}})
 
 
 def decoded_tokens(history) -> float:
@@ -565,7 +589,8 @@ def run_grid(variants, s: Settings, runs_dir: Path, cache_dir: Path, workers: in
         v, seed, lr = job
         label = run_label(v, s, lr)
         path = runs_dir / f"{label}__seed{seed}.json"
-        if path.exists() and not force:
+        if path.exists() and not force and (s.regime == "tiny" or
+                                            json.loads(path.read_text()).get("warm_key") == s.warm_key()):
             return f"{label} seed {seed}: kept"
         if workers == 0:  # in this process, one run after another (smoke tests: one import of TRL for all)
             run_one(v, seed, s, cache_dir, path, lr=lr)
@@ -633,8 +658,16 @@ def _interp(xs: list[float], ys: list[float], x: float) -> float | None:
     return ys[-1]
 
 
-def aggregate(runs_dir: Path) -> dict[str, Any]:
+def aggregate(runs_dir: Path, warm_key: str | None = None) -> dict[str, Any]:
+    """Every run's figures, by label. With `warm_key` (the regimes), runs from another warm start are left out
+    (named on stderr): a regime's runs compare only from the same start."""
     runs = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*__seed*.json"))]
+    if warm_key is not None:
+        stale = [r for r in runs if r.get("warm_key") != warm_key]
+        for r in stale:
+            print(f"[report] left out {_label(r)} seed {r['seed']}: warm start {r.get('warm_key')}, not {warm_key}",
+                  file=sys.stderr)
+        runs = [r for r in runs if r.get("warm_key") == warm_key]
     by: dict[str, list[dict]] = {}
     for r in runs:
         by.setdefault(_label(r), []).append(r)
@@ -799,8 +832,9 @@ def plot(agg: dict[str, Any], path: Path, title: str = "tiny tool-use arithmetic
     plt.close(fig)
 
 
-def write_report(runs_dir: Path, json_path: Path, png_path: Path, readme: Path | None, regime: str = "tiny") -> str:
-    agg = aggregate(runs_dir)
+def write_report(runs_dir: Path, json_path: Path, png_path: Path, readme: Path | None, regime: str = "tiny",
+                 warm_key: str | None = None) -> str:
+    agg = aggregate(runs_dir, warm_key)
     json_path.write_text(json.dumps(agg, indent=1))
     extended = regime != "tiny"
     md = markdown(agg, extended=extended)
@@ -947,7 +981,8 @@ def main(argv=None) -> int:
     a.results_dir.mkdir(parents=True, exist_ok=True)
     curves = "learning_curves_v2" if a.regime == "tiny" else f"learning_curves_{a.regime}"
     md = write_report(runs_dir, a.results_dir / f"{name}{suffix}.json", a.results_dir / f"{curves}{suffix}.png",
-                      None if a.quick else HERE / "README.md", regime=a.regime)
+                      None if a.quick else HERE / "README.md", regime=a.regime,
+                      warm_key=None if a.regime == "tiny" else s.warm_key())
     print(md)
     return 0
 

@@ -125,6 +125,10 @@ for regime in ("deep", "hard", "oracle"):
                    "--cache-dir", str(tmp / "cache")])
 learning.main(["--quick", "--regime", "oracle", "--calibrate", "--results-dir", str(tmp), "--cache-dir",
                str(tmp / "cache")])
+# the budget-matched tree at M = 4 beside GRPO (same seed: the step-0 evaluation is made once and reused)
+learning.main(["--quick", "--regime", "deep", "--variants", "grpo,appo_tokens", "--num-generations", "4",
+               "--workers", "0", "--out-dir", str(tmp / "deep4"), "--results-dir", str(tmp / "r4"),
+               "--cache-dir", str(tmp / "cache")])
 """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": "1"}
@@ -143,6 +147,11 @@ learning.main(["--quick", "--regime", "oracle", "--calibrate", "--results-dir", 
             assert run["curve"][-1]["decoded_tokens"] > 0  # the roots' decoded tokens reached the report
         assert set(agg["best_lr"]) == {"grpo__m2", "grpo_2xm__m2"}
         assert (tmp_path / f"learning_curves_{regime}_quick.png").stat().st_size > 0
+    runs = {r["variant"]: r for r in json.loads((tmp_path / "r4" / "learning_deep_quick.json").read_text())["runs"]}
+    assert runs["appo_tokens"]["appo_metrics"]["appo/leaves_per_prompt"] == 6  # N = 2 roots + N·B = 4 branches
+    assert runs["appo_tokens"]["curve"][0] == runs["grpo"]["curve"][0]  # one cached step-0 evaluation
+    assert runs["appo_tokens"]["curve"][-1]["decoded_tokens"] > 0
+    assert len(list((tmp_path / "cache").glob("eval0_*.json"))) >= 1
     cal = json.loads((tmp_path / "calibration_regimes_quick.json").read_text())["oracle__sft10__heldout2"]
     assert 0.0 <= cal["heldout"]["frac_prompts_none_correct"] <= 1.0
     assert cal["first_wrong_token"]["rollouts"] == 4

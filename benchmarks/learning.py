@@ -124,6 +124,7 @@ class Settings:
     hidden: int = 128
     layers: int = 4
     sft_steps: int = 160
+    sft_schedule_steps: int | None = None  # the one-cycle length when SFT stops before its end (None: sft_steps)
     sft_lr: float = 2e-3
     sft_rows: int = 2000
     warm_seed: int = 0
@@ -171,6 +172,8 @@ class Settings:
         keys = ("hidden", "layers", "sft_steps", "sft_lr", "sft_rows", "warm_seed")
         if self.regime != "tiny":  # the SFT data (chain regimes with the same SFT share it); tiny's key is unchanged
             keys += ("sft_chain_lengths",)
+        if self.sft_schedule_steps is not None:
+            keys += ("sft_schedule_steps",)
         from trl_appo.testbed import cache_key
 
         return cache_key({k: getattr(self, k) for k in keys})
@@ -180,21 +183,22 @@ class Settings:
 # `4163 *99 -28669 +91288 ...` evaluated left to right with one `<python>r=...\nprint(r)</python>` call per
 # operation, each copying the previous call's output (trl_appo.tasks.chain_tasks); binary reward (1 if the boxed
 # answer is the chain's value, else 0). The SFT warm start sees chains of 1 to 6 calls; its length sets the start.
-# NOT CALIBRATED YET: 400 and 1000 SFT steps both start `deep` at Pass@1 0 % (the model does not copy digits yet);
-# see "Regimes where trees should win" in benchmarks/README.md before running the grid.
+# The warm start (shared by the three): SFT on 20 000 transcripts of 1-6 calls, stopped at step 1750 of a 3000-step
+# one-cycle schedule. Copying digits (from the prompt and from tool output) is learned in a jump between steps
+# ~1500 and ~2000 of that schedule (the exact T = 1 probability of the gold transcript of 100 held-out 6-call
+# chains: 3 % at 1500, 12 % at 1750, 55 % at 2000, 73 % at 2250); 400 and 1000 full-schedule steps on 2000
+# transcripts started `deep` at 0 % (benchmarks/README.md, "Calibration").
+_WARM = {"sft_chain_lengths": (1, 2, 3, 4, 5, 6), "sft_steps": 1750, "sft_schedule_steps": 3000, "sft_rows": 20_000}
 REGIMES: dict[str, dict[str, Any]] = {
     "tiny": {},
     # deep chain, tight budget: 6 dependent calls, ~136 model-written tokens (~207 with tool output) per rollout;
     # warm start aimed at held-out Pass@1 10-20 %. Budgets M = 4 and M = 8 (`--num-generations`).
-    "deep": {"chain_lengths": (6,), "sft_chain_lengths": (1, 2, 3, 4, 5, 6), "sft_steps": 400,
-             "max_completion_length": 256, "max_tool_calls": 6, "eval_every": 50},
+    "deep": {**_WARM, "chain_lengths": (6,), "max_completion_length": 256, "max_tool_calls": 6, "eval_every": 100},
     # hard prompts: a mix of short and long chains where 30-50 % of prompts have no correct rollout of 8 at start
-    "hard": {"chain_lengths": (2, 6), "sft_chain_lengths": (1, 2, 3, 4, 5, 6), "sft_steps": 400,
-             "max_completion_length": 256, "max_tool_calls": 6, "eval_every": 50},
+    "hard": {**_WARM, "chain_lengths": (2, 6), "max_completion_length": 256, "max_tool_calls": 6, "eval_every": 100},
     # known decision point: 3 dependent calls; a failed rollout's first wrong token is where its text leaves the
     # gold transcript (trl_appo.tasks.first_wrong_token), the oracle branch point
-    "oracle": {"chain_lengths": (3,), "sft_chain_lengths": (1, 2, 3, 4, 5, 6), "sft_steps": 400,
-               "max_completion_length": 128, "max_tool_calls": 3, "eval_every": 50},
+    "oracle": {**_WARM, "chain_lengths": (3,), "max_completion_length": 128, "max_tool_calls": 3, "eval_every": 100},
 }
 
 
@@ -286,7 +290,8 @@ def warm_state(s: Settings, cache_dir: Path, log=print):
     else:
         rows = partial(tasks.chain_sft_transcripts, s.sft_rows, seed=s.warm_seed + 1, lengths=s.sft_chain_lengths)
     return testbed.warm_state(cache_dir / f"warm_{s.warm_key()}.pt", hidden=s.hidden, layers=s.layers,
-                              seed=s.warm_seed, sft_steps=s.sft_steps, sft_lr=s.sft_lr, rows=rows, log=log)
+                              seed=s.warm_seed, sft_steps=s.sft_steps, sft_lr=s.sft_lr, rows=rows, log=log,
+                              sft_schedule_steps=getattr(s, "sft_schedule_steps", None))
 
 
 def tokenizer():
@@ -917,7 +922,8 @@ def calibrate(s: Settings, cache_dir: Path, out_path: Path, samples: int = 8, or
     rec["seconds"] = time.perf_counter() - t0
     data_all = json.loads(out_path.read_text()) if out_path.exists() else {}
     lr_tag = "" if s.sft_lr == Settings.sft_lr else f"__sftlr{s.sft_lr:g}"
-    data_all[f"{s.regime}__sft{s.sft_steps}{lr_tag}__heldout{s.heldout}"] = rec
+    of = f"of{s.sft_schedule_steps}" if s.sft_schedule_steps else ""
+    data_all[f"{s.regime}__sft{s.sft_steps}{of}{lr_tag}__heldout{s.heldout}"] = rec
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(data_all, indent=1))
     print(json.dumps(rec, indent=1))

@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from trl_appo import demo
 from trl_appo.sft import sft_warm_start, tag_transcript_example
@@ -159,3 +160,29 @@ def test_learning_curve_shows_both_trainers_held_out_pass_at_1():
     labels = " | ".join(curves)
     assert "APPO: held-out Pass@1 0.570" in labels and "GRPO" in labels and "Pass@1 0.629" in labels
     assert "0.300" in note and "training reward" in note
+
+
+def test_sft_warm_start_stops_partway_through_a_longer_schedule(tiny_tokenizer):
+    # A warm start taken before the schedule anneals (the learning benchmark's regimes): training the first 6
+    # steps of a 20-step one-cycle schedule gives exactly the weights the 20-step run has after its 6th step.
+    from trl_appo.testing import build_tiny_model
+
+    ex = [tag_transcript_example(tiny_tokenizer, f"What is {a} * 7?\n", f"<answer>\\boxed{{{a * 7}}}</answer>")
+          for a in range(10, 20)]
+    weights = []
+
+    def snapshot(model):
+        return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+
+    partial = build_tiny_model(tiny_tokenizer, seed=3)
+    sft_warm_start(partial, tiny_tokenizer, ex, steps=6, schedule_steps=20, batch_size=4, lr=3e-3, seed=1,
+                   progress=False)
+    full = build_tiny_model(tiny_tokenizer, seed=3)
+    sft_warm_start(full, tiny_tokenizer, ex, steps=20, batch_size=4, lr=3e-3, seed=1, progress=False,
+                   eval_fn=lambda: weights.append(snapshot(full)) or 0.0, eval_every=6)
+    assert torch.equal(snapshot(partial), weights[0])  # the 20-step run after step 6
+    short = build_tiny_model(tiny_tokenizer, seed=3)
+    sft_warm_start(short, tiny_tokenizer, ex, steps=6, batch_size=4, lr=3e-3, seed=1, progress=False)
+    assert not torch.equal(snapshot(short), weights[0])  # a 6-step schedule anneals: other weights
+    with pytest.raises(ValueError, match="schedule_steps"):
+        sft_warm_start(short, tiny_tokenizer, ex, steps=6, schedule_steps=5, progress=False)

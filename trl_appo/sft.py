@@ -94,6 +94,7 @@ def sft_warm_start(
     eval_every: int = 0,
     progress: bool = True,
     desc: str = "SFT warm start",
+    schedule_steps: int | None = None,
 ) -> SFTHistory:
     """Plain-torch SFT (AdamW + one-cycle LR), loss on model-written completion tokens only.
 
@@ -101,6 +102,9 @@ def sft_warm_start(
         model: a causal LM (trained in place, left in eval mode).
         examples: transcripts from `tag_transcript_example`; sampled with replacement, seeded.
         eval_fn: optional callable returning a score, called every `eval_every` steps and at the end.
+        schedule_steps: length of the one-cycle schedule when it is longer than `steps`: training stops after
+            `steps` of it (a reproducible checkpoint partway through a longer run, e.g. a weaker warm start taken
+            before the learning rate anneals). Default: `steps`.
 
     Returns:
         The loss (and eval) history and the wall time.
@@ -113,9 +117,12 @@ def sft_warm_start(
     g = torch.Generator().manual_seed(seed)
     model.train()
     optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    if steps >= 4:
+    total = steps if schedule_steps is None else schedule_steps
+    if total < steps:
+        raise ValueError(f"schedule_steps ({total}) must be >= steps ({steps})")
+    if total >= 4:
         # OneCycle needs at least one step in each phase: with pct_start=0.1 and <= 10 steps its warm-up has length 0.
-        sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=lr, total_steps=steps, pct_start=max(0.1, 2 / steps))
+        sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=lr, total_steps=total, pct_start=max(0.1, 2 / total))
     else:  # too short to schedule: constant learning rate
         sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda _: 1.0)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -64,8 +64,11 @@ def sft_examples(tokenizer, rows: Sequence[Mapping[str, Any]]) -> list:
 
 
 def warm_state(path: str | os.PathLike, *, hidden: int, layers: int, seed: int, sft_steps: int, sft_lr: float,
-               rows: Callable[[], Sequence[Mapping[str, Any]]], log=print) -> dict[str, Any]:
-    """The tiny model's SFT warm-start weights, loaded from `path` or trained once (on `rows()`) and saved there."""
+               rows: Callable[[], Sequence[Mapping[str, Any]]], log=print,
+               sft_schedule_steps: int | None = None) -> dict[str, Any]:
+    """The tiny model's SFT warm-start weights, loaded from `path` or trained once (on `rows()`) and saved there.
+
+    `sft_schedule_steps`: the one-cycle schedule's length when training stops before its end (`sft_warm_start`)."""
     import torch
 
     from trl_appo.sft import sft_warm_start
@@ -78,8 +81,9 @@ def warm_state(path: str | os.PathLike, *, hidden: int, layers: int, seed: int, 
     model = tiny_model(tok, hidden, layers, seed)
     t0 = time.perf_counter()
     hist = sft_warm_start(model, tok, sft_examples(tok, rows()), steps=sft_steps, lr=sft_lr, seed=seed,
-                          progress=False)
-    log(f"[warm start] SFT {sft_steps} steps in {time.perf_counter() - t0:.0f} s, final loss "
+                          progress=False, schedule_steps=sft_schedule_steps)
+    of = f" of a {sft_schedule_steps}-step schedule" if sft_schedule_steps else ""
+    log(f"[warm start] SFT {sft_steps} steps{of} in {time.perf_counter() - t0:.0f} s, final loss "
         f"{statistics.fmean(hist.loss[-10:]):.4f} -> {path}")
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -96,6 +96,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "trl_appo" / "bench")
     p.add_argument("--sft-steps", type=int, default=None, help="warm-start SFT steps (default: the regime's)")
+    p.add_argument("--sft-schedule-steps", type=int, default=None,
+                   help="the SFT schedule's length (0: sft-steps; default: the regime's)")
+    p.add_argument("--sft-rows", type=int, default=None, help="SFT transcripts (default: the regime's)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     variants = [v for v in a.variants.split(",") if v]
@@ -105,6 +108,10 @@ def main(argv=None) -> int:
     s = learning.Settings.for_regime(a.regime)
     if a.sft_steps:
         s = dataclasses.replace(s, sft_steps=a.sft_steps)
+    if a.sft_schedule_steps is not None:
+        s = dataclasses.replace(s, sft_schedule_steps=a.sft_schedule_steps or None)
+    if a.sft_rows:
+        s = dataclasses.replace(s, sft_rows=a.sft_rows)
     if a.num_generations:
         s = dataclasses.replace(s, num_generations=a.num_generations)
     state = learning.warm_state(s, a.cache_dir)
@@ -134,8 +141,9 @@ def main(argv=None) -> int:
             **{k: statistics.median(r[k] for r in mine) for k in PARTS},
         }
     out = a.out or learning.RESULTS_DIR / f"bench_speed_{a.regime}.json"
-    rec = {"regime": a.regime, "sft_steps": s.sft_steps, "num_generations": s.num_generations, "steps": a.steps,
-           "repeats": a.repeats, "threads": 1, "pid_load": os.getloadavg(), "summary": summary, "runs": runs}
+    rec = {"regime": a.regime, "sft_steps": s.sft_steps, "sft_schedule_steps": s.sft_schedule_steps,
+           "sft_rows": s.sft_rows, "warm_key": s.warm_key(), "num_generations": s.num_generations, "steps": a.steps,
+           "repeats": a.repeats, "threads": 1, "load_average_at_end": os.getloadavg(), "summary": summary, "runs": runs}
     out.write_text(json.dumps(rec, indent=1))
     for v, r in summary.items():
         print(f"{v:24s} {r['seconds_per_step']:7.2f} s/step  x{r['ratio_to_grpo']:.2f} GRPO  "

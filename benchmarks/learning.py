@@ -849,6 +849,8 @@ def write_report(runs_dir: Path, json_path: Path, png_path: Path, readme: Path |
     if readme is not None and readme.exists():
         text = readme.read_text()
         tag = "learning" if regime == "tiny" else f"learning-{regime}"
+        if runs_dir.name.startswith(f"learning_{regime}_"):  # a second set of runs of a regime (e.g. _s500)
+            tag = f"learning-{regime}{runs_dir.name.removeprefix(f'learning_{regime}')}"
         begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
         if begin in text and end in text:
             head, rest = text.split(begin, 1)
@@ -986,6 +988,9 @@ def main(argv=None) -> int:
         run_grid(variants, s, runs_dir, a.cache_dir, a.workers, a.force, a.quick, lrs)
     a.results_dir.mkdir(parents=True, exist_ok=True)
     curves = "learning_curves_v2" if a.regime == "tiny" else f"learning_curves_{a.regime}"
+    if a.regime != "tiny" and not a.quick and runs_dir.name.startswith(f"{name}_"):  # e.g. learning_deep_s500
+        curves += runs_dir.name.removeprefix(name)
+        name = runs_dir.name
     md = write_report(runs_dir, a.results_dir / f"{name}{suffix}.json", a.results_dir / f"{curves}{suffix}.png",
                       None if a.quick else HERE / "README.md", regime=a.regime,
                       warm_key=None if a.regime == "tiny" else s.warm_key())

@@ -13,7 +13,7 @@ Variants (M = `--num-generations`, the budget):
 * `appo_tokens_update` / `appo_tokens_generation`: `rollout_budget="tokens"` (M full rollouts' worth of decoded
   tokens per prompt, spent on roots and branches), branching once per optimizer step or once per generation batch.
 
-Run: `python benchmarks/bench_speed.py [--regime deep] [--steps 8] [--repeats 3]`
+Run: `python benchmarks/bench_speed.py [--regime deep] [--steps 8] [--repeats 3]` (`--quick`: a smoke run)
 (writes `benchmarks/results/bench_speed_<regime>.json`).
 """
 
@@ -25,10 +25,10 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_stop  # noqa: E402
 import learning  # noqa: E402
 
 VARIANTS = {
@@ -42,8 +42,6 @@ PARTS = ("seconds_generate", "seconds_score", "seconds_reward", "seconds_train")
 
 def run(variant: str, s, state, tok, data, seed: int, steps: int) -> dict:
     import torch
-    from transformers import TrainerCallback
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from trl_appo.demo import _common_args
     from trl_appo.trainer import APPOTrainer
@@ -61,20 +59,7 @@ def run(variant: str, s, state, tok, data, seed: int, steps: int) -> dict:
     model = learning.new_model(s, tok, state)
     trainer = APPOTrainer(model=model, processing_class=tok, args=args, train_dataset=data["train"],
                           reward_funcs=[learning.reward_fn(s)], tools=[learning.make_tool()])
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    times: list[float] = []
-    mark = {}
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            mark["t"] = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - mark["t"])
-
-    trainer.add_callback(Clock())
-    trainer.train()
+    times = bench_stop.train_timed(trainer)
     hist = [h for h in trainer.state.log_history if "appo/budget/seconds_train" in h]
     parts = {k: sum(h[f"appo/budget/{k}"] for h in hist) / steps for k in PARTS}
     leaves = [h["appo/leaves_per_prompt"] for h in trainer.state.log_history if "appo/leaves_per_prompt" in h]
@@ -99,13 +84,14 @@ def main(argv=None) -> int:
     p.add_argument("--sft-schedule-steps", type=int, default=None,
                    help="the SFT schedule's length (0: sft-steps; default: the regime's)")
     p.add_argument("--sft-rows", type=int, default=None, help="SFT transcripts (default: the regime's)")
+    p.add_argument("--quick", action="store_true", help="a smoke run at the learning benchmark's smoke size")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     variants = [v for v in a.variants.split(",") if v]
     if "grpo" not in variants or any(v not in VARIANTS for v in variants):
         p.error(f"--variants must include grpo (the baseline) and name only {list(VARIANTS)}")
     learning._setup_process()
-    s = learning.Settings.for_regime(a.regime)
+    s = learning.Settings.for_regime(a.regime, quick=a.quick)
     if a.sft_steps:
         s = dataclasses.replace(s, sft_steps=a.sft_steps)
     if a.sft_schedule_steps is not None:

@@ -28,10 +28,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import learning  # noqa: E402
 
 
-def run(variant: str, stop: bool, s, state, tok, data, seed: int, steps: int) -> dict:
-    import torch
+def train_timed(trainer) -> list[float]:
+    """Train `trainer` without TRL's terminal printers; the wall seconds of each optimizer step."""
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    times: list[float] = []
+    mark = {}
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            mark["t"] = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - mark["t"])
+
+    trainer.add_callback(Clock())
+    trainer.train()
+    return times
+
+
+def run(variant: str, stop: bool, s, state, tok, data, seed: int, steps: int) -> dict:
+    import torch
 
     from trl_appo.demo import _common_args
     from trl_appo.trainer import APPOTrainer
@@ -58,20 +78,7 @@ def run(variant: str, stop: bool, s, state, tok, data, seed: int, steps: int) ->
     trainer = APPOTrainer(model=model, processing_class=tok, args=args, train_dataset=data["train"],
                           reward_funcs=[learning.reward_fn(s)], tools=[learning.make_tool()])
     trainer._appo_early_stop = stop
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    times: list[float] = []
-    mark = {}
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            mark["t"] = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - mark["t"])
-
-    trainer.add_callback(Clock())
-    trainer.train()
+    times = train_timed(trainer)
     hist = trainer.state.log_history
     return {"variant": variant, "stop": stop, "seconds_per_step": sum(times) / steps,
             "step_seconds": times, "decoded_tokens_per_step": learning.decoded_tokens(hist) / steps,

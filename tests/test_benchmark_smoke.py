@@ -155,3 +155,28 @@ learning.main(["--quick", "--regime", "deep", "--variants", "grpo,appo_tokens", 
     cal = json.loads((tmp_path / "calibration_regimes_quick.json").read_text())["oracle__sft10__heldout2"]
     assert 0.0 <= cal["heldout"]["frac_prompts_none_correct"] <= 1.0
     assert cal["first_wrong_token"]["rollouts"] == 4
+
+
+def test_bench_speed_quick_reports_every_variant_against_grpo(tmp_path):
+    """`bench_speed.py --quick`: each variant's seconds per step with its ratio to the GRPO run of the same repeat,
+    decoded tokens, leaves per prompt (the token budget trains 12 per prompt at M = 8) and the time breakdown."""
+    out = tmp_path / "speed.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_speed.py"), "--quick", "--regime", "tiny", "--steps", "4",
+         "--repeats", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert set(summary) == {"grpo", "appo_swap", "appo_tokens_update", "appo_tokens_generation"}
+    assert summary["grpo"]["ratio_to_grpo"] == 1.0 and summary["grpo"]["leaves_per_prompt"] == 8
+    assert summary["appo_swap"]["leaves_per_prompt"] == 8  # equal M: N roots + N·B branches = M
+    for name in ("appo_tokens_update", "appo_tokens_generation"):
+        assert summary[name]["leaves_per_prompt"] == 12, name  # M = 8 tokens' worth: 4 roots + 8 branches
+    assert summary["appo_tokens_generation"]["shape"]["branch_schedule"] == "per_generation"
+    assert summary["appo_tokens_update"]["shape"]["branch_schedule"] == "per_update"
+    for name, row in summary.items():
+        assert row["seconds_per_step"] > 0 and row["decoded_tokens_per_step"] > 0, name
+        assert row["seconds_generate"] > 0 and row["seconds_train"] > 0, name

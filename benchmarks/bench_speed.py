@@ -41,24 +41,9 @@ PARTS = ("seconds_generate", "seconds_score", "seconds_reward", "seconds_train")
 
 
 def run(variant: str, s, state, tok, data, seed: int, steps: int) -> dict:
-    import torch
-
-    from trl_appo.demo import _common_args
-    from trl_appo.trainer import APPOTrainer
-
     M = s.num_generations
-    args = _common_args(
-        Path("/tmp") / f"_bench_speed_{os.getpid()}", seed, learning_rate=1e-4, lr_scheduler_type="constant",
-        max_steps=steps, num_generations=M, per_device_train_batch_size=M * s.prompts_per_step,
-        steps_per_generation=s.steps_per_generation, gradient_accumulation_steps=1,
-        max_completion_length=s.max_completion_length, min_branch_tokens=s.min_branch_tokens,
-        max_tool_calls=s.max_tool_calls, temperature=1.0, disable_tqdm=True, log_branch_trees=False,
-        **VARIANTS[variant],
-    )
-    torch.manual_seed(seed)
-    model = learning.new_model(s, tok, state)
-    trainer = APPOTrainer(model=model, processing_class=tok, args=args, train_dataset=data["train"],
-                          reward_funcs=[learning.reward_fn(s)], tools=[learning.make_tool()])
+    trainer = bench_stop.make_trainer("bench_speed", s, state, tok, data, seed, steps, **VARIANTS[variant])
+    args = trainer.args
     times = bench_stop.train_timed(trainer)
     hist = [h for h in trainer.state.log_history if "appo/budget/seconds_train" in h]
     parts = {k: sum(h[f"appo/budget/{k}"] for h in hist) / steps for k in PARTS}

@@ -50,16 +50,17 @@ def train_timed(trainer) -> list[float]:
     return times
 
 
-def run(variant: str, stop: bool, s, state, tok, data, seed: int, steps: int) -> dict:
+def make_trainer(name: str, s, state, tok, data, seed: int, steps: int, **kw):
+    """An `APPOTrainer` on `learning.py`'s regime task (the regime's shape, lr 1e-4 constant, T = 1) with `kw` as
+    `APPOConfig` overrides, its model freshly built from the warm start `state` under `seed`."""
     import torch
 
     from trl_appo.demo import _common_args
     from trl_appo.trainer import APPOTrainer
 
-    kw = dict(learning.GRPO) if variant == "grpo" else {}
     M = s.num_generations
     args = _common_args(
-        Path("/tmp") / f"_bench_stop_{os.getpid()}", seed, learning_rate=1e-4, lr_scheduler_type="constant",
+        Path("/tmp") / f"_{name}_{os.getpid()}", seed, learning_rate=1e-4, lr_scheduler_type="constant",
         max_steps=steps, num_generations=M, per_device_train_batch_size=M * s.prompts_per_step,
         steps_per_generation=s.steps_per_generation, gradient_accumulation_steps=1,
         max_completion_length=s.max_completion_length, min_branch_tokens=s.min_branch_tokens,
@@ -67,6 +68,16 @@ def run(variant: str, stop: bool, s, state, tok, data, seed: int, steps: int) ->
     )
     torch.manual_seed(seed)
     model = learning.new_model(s, tok, state)
+    return APPOTrainer(model=model, processing_class=tok, args=args, train_dataset=data["train"],
+                       reward_funcs=[learning.reward_fn(s)], tools=[learning.make_tool()])
+
+
+def run(variant: str, stop: bool, s, state, tok, data, seed: int, steps: int) -> dict:
+    import torch
+
+    trainer = make_trainer("bench_stop", s, state, tok, data, seed, steps,
+                           **(dict(learning.GRPO) if variant == "grpo" else {}))
+    args = trainer.args
     positions = [0]
 
     def count(module, a, kwargs):
@@ -74,9 +85,7 @@ def run(variant: str, stop: bool, s, state, tok, data, seed: int, steps: int) ->
         if ids is not None and not torch.is_grad_enabled() and ids.shape[1] == 1:  # one decode step of a batch
             positions[0] += ids.shape[0]
 
-    model.register_forward_pre_hook(count, with_kwargs=True)
-    trainer = APPOTrainer(model=model, processing_class=tok, args=args, train_dataset=data["train"],
-                          reward_funcs=[learning.reward_fn(s)], tools=[learning.make_tool()])
+    trainer.model.register_forward_pre_hook(count, with_kwargs=True)
     trainer._appo_early_stop = stop
     times = train_timed(trainer)
     hist = trainer.state.log_history

@@ -838,7 +838,9 @@ def plot(agg: dict[str, Any], path: Path, title: str = "tiny tool-use arithmetic
 
 
 def write_report(runs_dir: Path, json_path: Path, png_path: Path, readme: Path | None, regime: str = "tiny",
-                 warm_key: str | None = None) -> str:
+                 warm_key: str | None = None, run_set: str = "") -> str:
+    """Aggregate, write the JSON and the picture, and the README table between the regime's markers
+    (`<!-- learning-<regime><run_set>:begin -->`; `run_set` names a second set of runs, e.g. `_s500`)."""
     agg = aggregate(runs_dir, warm_key)
     json_path.write_text(json.dumps(agg, indent=1))
     extended = regime != "tiny"
@@ -848,9 +850,7 @@ def write_report(runs_dir: Path, json_path: Path, png_path: Path, readme: Path |
              title=f"regime `{regime}`" if extended else "tiny tool-use arithmetic, warm-started ~1M model")
     if readme is not None and readme.exists():
         text = readme.read_text()
-        tag = "learning" if regime == "tiny" else f"learning-{regime}"
-        if runs_dir.name.startswith(f"learning_{regime}_"):  # a second set of runs of a regime (e.g. _s500)
-            tag = f"learning-{regime}{runs_dir.name.removeprefix(f'learning_{regime}')}"
+        tag = "learning" if regime == "tiny" else f"learning-{regime}{run_set}"
         begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
         if begin in text and end in text:
             head, rest = text.split(begin, 1)
@@ -988,12 +988,12 @@ def main(argv=None) -> int:
         run_grid(variants, s, runs_dir, a.cache_dir, a.workers, a.force, a.quick, lrs)
     a.results_dir.mkdir(parents=True, exist_ok=True)
     curves = "learning_curves_v2" if a.regime == "tiny" else f"learning_curves_{a.regime}"
-    if a.regime != "tiny" and not a.quick and runs_dir.name.startswith(f"{name}_"):  # e.g. learning_deep_s500
-        curves += runs_dir.name.removeprefix(name)
-        name = runs_dir.name
-    md = write_report(runs_dir, a.results_dir / f"{name}{suffix}.json", a.results_dir / f"{curves}{suffix}.png",
-                      None if a.quick else HERE / "README.md", regime=a.regime,
-                      warm_key=None if a.regime == "tiny" else s.warm_key())
+    # A second set of runs of a regime (--out-dir .../learning_deep_s500) gets its own files and README table.
+    run_set = runs_dir.name.removeprefix(name) if a.regime != "tiny" and not a.quick and \
+        runs_dir.name.startswith(f"{name}_") else ""
+    md = write_report(runs_dir, a.results_dir / f"{name}{run_set}{suffix}.json",
+                      a.results_dir / f"{curves}{run_set}{suffix}.png", None if a.quick else HERE / "README.md",
+                      regime=a.regime, warm_key=None if a.regime == "tiny" else s.warm_key(), run_set=run_set)
     print(md)
     return 0
 

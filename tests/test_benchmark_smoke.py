@@ -129,6 +129,10 @@ learning.main(["--quick", "--regime", "oracle", "--calibrate", "--results-dir", 
 learning.main(["--quick", "--regime", "deep", "--variants", "grpo,appo_tokens", "--num-generations", "4",
                "--workers", "0", "--out-dir", str(tmp / "deep4"), "--results-dir", str(tmp / "r4"),
                "--cache-dir", str(tmp / "cache")])
+# where to branch: the oracle (first wrong token) and surprisal criteria at equal branch counts
+learning.main(["--quick", "--regime", "oracle", "--variants", "appo_pergen_oracle,appo_pergen_surprisal",
+               "--num-generations", "4", "--workers", "0", "--out-dir", str(tmp / "oracle4"),
+               "--results-dir", str(tmp / "ro"), "--cache-dir", str(tmp / "cache")])
 """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": "1"}
@@ -152,6 +156,9 @@ learning.main(["--quick", "--regime", "deep", "--variants", "grpo,appo_tokens", 
     assert runs["appo_tokens"]["curve"][0] == runs["grpo"]["curve"][0]  # one cached step-0 evaluation
     assert runs["appo_tokens"]["curve"][-1]["decoded_tokens"] > 0
     assert len(list((tmp_path / "cache").glob("eval0_*.json"))) >= 1
+    crit = {r["variant"]: r for r in json.loads((tmp_path / "ro" / "learning_oracle_quick.json").read_text())["runs"]}
+    assert 0.0 <= crit["appo_pergen_oracle"]["appo_metrics"]["appo/branch_hint_frac"] <= 1.0
+    assert crit["appo_pergen_surprisal"]["appo_metrics"]["appo/leaves_per_prompt"] == 6
     cal = json.loads((tmp_path / "calibration_regimes_quick.json").read_text())["oracle__sft10__heldout2"]
     assert 0.0 <= cal["heldout"]["frac_prompts_none_correct"] <= 1.0
     assert cal["first_wrong_token"]["rollouts"] == 4

@@ -273,6 +273,32 @@ def test_near_tool_is_one_rule_that_ignores_right_padding():
     assert not records.near_tool([0, 1], -1)  # no shared prefix: no point
 
 
+def test_a_context_criterion_gets_the_roots_log_probs_rows_and_tokenizer_and_picks_through_hint_ranking(tmp_path):
+    seen = {}
+
+    @core.register_branch_criterion("test_context_hint", needs_context=True)
+    def by_hint(scores, entropy_key, candidates, generator, *, context):
+        seen["context"] = context
+        return core.hint_ranking([1, 0], candidates, generator)
+
+    try:
+        settings = _settings(tmp_path, num_generations=4, num_branches=1, branch_criterion="test_context_hint",
+                             branch_loss="suffix", max_completion_length=8, min_branch_tokens=1,
+                             branch_point_token="keep")
+        port = _step_port()
+        out = branching.branch_and_credit(_step_batch(), port, settings, for_loss=True)
+    finally:
+        del core.BRANCH_CRITERIA["test_context_hint"]
+    ctx = seen["context"]
+    assert ctx.completion_ids == [[10, 11, 12, 13], [20, 21, 22]] and ctx.inputs == [{"prompt": "q"}] * 2
+    assert ctx.model_mask == [[1, 1, 0, 1], [1, 1, 1]] and ctx.tokenizer is port.tokenizer and ctx.keep_token
+    # The fake policy gives every token log p = -1; tool output and padding read 0.
+    assert ctx.logp.tolist() == [[-1.0, -1.0, 0.0, -1.0], [-1.0, -1.0, -1.0, 0.0]]
+    assert [p.completion_ids for p in port.prefixes] == [[10, 11], [20]]  # the hinted tokens, kept
+    assert "omega_reference_logps" not in port.calls
+    assert out.report.metrics["appo/branch_hint_frac"] == 1.0  # both points were placed by the hints
+
+
 # ------------------------------------------------------------------ in the trainer
 
 

@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
+from trl_appo import core
 from trl_appo.core import (
     BRANCH_CRITERIA,
+    FALLBACK_CODES,
     FUTURE_KL_FORMS,
     BranchingScore,
     BranchPoints,
@@ -636,7 +638,7 @@ def test_select_random_reproducible_uniform():
 
 
 def test_select_bad_inputs():
-    with pytest.raises(ValueError, match=r"Unknown branch criterion 'foo'.*\['bs', 'entropy', 'random'\]"):
+    with pytest.raises(ValueError, match=r"Unknown branch criterion 'foo'.*\['bs', 'entropy', 'random', 'surprisal'\]"):
         select_branch_points(HAND, HAND_CANDS, 2, criterion="foo")
     with pytest.raises(ValueError, match="bool"):
         select_branch_points(HAND, HAND_CANDS.long(), 2)
@@ -652,8 +654,49 @@ def test_select_bad_inputs():
         select_branch_points(HAND, HAND_CANDS, -1)
 
 
+def _context(logp):
+    return core.BranchContext(logp, [], [], [], None, True)
+
+
+def test_surprisal_ranks_the_least_expected_sampled_tokens_first():
+    # −log p = [0.1, 2.0, 0.5, 3.0, 1.0, (not a candidate) 9.0]: the top three are tokens 3, 1, 4, all code 6.
+    logp = -torch.tensor([[0.1, 2.0, 0.5, 3.0, 1.0, 9.0]])
+    bp = select_branch_points(None, HAND_CANDS, 3, criterion="surprisal", context=_context(logp))
+    assert bp.position.tolist() == [3, 1, 4] and bp.fallback.tolist() == [6, 6, 6]
+    assert FALLBACK_CODES[6] == "surprisal"
+    with pytest.raises(ValueError, match="needs `context`"):
+        select_branch_points(None, HAND_CANDS, 3, criterion="surprisal")
+    with pytest.raises(ValueError, match="context.logp"):
+        select_branch_points(None, HAND_CANDS, 3, criterion="surprisal", context=_context(logp[:, :4]))
+
+
+def test_hint_ranking_takes_the_nearest_candidate_to_each_hint_and_fills_unhinted_rows_at_random():
+    @core.register_branch_criterion("test_hint", needs_context=True)
+    def by_hint(scores, entropy_key, candidates, generator, *, context):
+        return core.hint_ranking(context.inputs, candidates, generator)
+
+    try:
+        # Row 0 is hinted at token 3, which is not a candidate: its nearest candidates are 2 and 4 (tie: the
+        # earlier first), then 1. Row 1 has no hint: two random candidates, after every hinted one.
+        cands = torch.tensor([[False, True, True, False, True, False], [True] * 6])
+        ctx = core.BranchContext(torch.zeros(2, 6), [], [], [3, None], None, True)
+        bp = select_branch_points(None, cands, 3, criterion="test_hint", context=ctx,
+                                  generator=torch.Generator().manual_seed(0))
+        assert bp.position.tolist()[:3] == [2, 4, 1] and bp.fallback.tolist() == [7, 7, 7, 8, 8, 8]
+        assert len(set(bp.position.tolist()[3:])) == 3 and bp.root.tolist() == [0, 0, 0, 1, 1, 1]
+        # Pooled over the two roots of one prompt, the hinted root's candidates come first.
+        pooled = select_branch_points(None, cands, 2, criterion="test_hint", context=ctx, pooled=True,
+                                      group_size=2, generator=torch.Generator().manual_seed(0))
+        assert pooled.root.tolist()[:3] == [0, 0, 0] and pooled.fallback.tolist() == [7, 7, 7, 8]
+        with pytest.raises(ValueError, match="one per row"):
+            core.hint_ranking([1], cands)
+    finally:
+        del core.BRANCH_CRITERIA["test_hint"]
+
+
 def test_registries():
-    assert set(BRANCH_CRITERIA) == {"bs", "entropy", "random"}
+    assert set(BRANCH_CRITERIA) == {"bs", "entropy", "surprisal", "random"}
+    assert [n for n, r in BRANCH_CRITERIA.items() if r.needs_context] == ["surprisal"]
     assert set(FUTURE_KL_FORMS) == {"appo", "fipo"}
     assert get_branch_criterion("bs") is BRANCH_CRITERIA["bs"]
     with pytest.raises(ValueError, match=r"\['appo', 'fipo'\]"):

@@ -234,3 +234,33 @@ def test_first_wrong_token_rejects_a_gold_of_another_task(tiny_tok):
         first_wrong_token(tiny_tok, ids, mask, other + tiny_tok.eos_token)
     with pytest.raises(ValueError, match="differ in length"):
         first_wrong_token(tiny_tok, ids, mask[:-1], GOLD)
+
+
+def test_oracle_hints_point_at_the_first_wrong_token_and_the_oracle_criterion_branches_there(tiny_tok):
+    import torch
+
+    from trl_appo import core
+    from trl_appo.tasks import chain_oracle_criterion, make_chain_tasks, oracle_hints
+
+    right, right_mask = _example(tiny_tok, GOLD)
+    wrong, wrong_mask = _example(tiny_tok, GOLD.replace("{69104}", "{69105}"))  # first wrong token: 34
+    rows = [{"gold_completion": GOLD}, {"gold_completion": GOLD}, {}, {"gold_completion": GOLD.replace("69104", "1")}]
+    ids, masks = [wrong, right, wrong, wrong], [wrong_mask, right_mask, wrong_mask, wrong_mask]
+
+    def context(keep_token):
+        return core.BranchContext(torch.zeros(4, len(wrong)), ids, masks, rows, tiny_tok, keep_token)
+
+    # keep_token: keep the last right token (33) and re-decide 34; resample: re-decide 34 itself. The correct
+    # root, the row without a gold and the row whose gold is another task's transcript get no hint.
+    assert oracle_hints(context(True)) == [33, None, None, None]
+    assert oracle_hints(context(False)) == [34, None, None, None]
+
+    candidates = torch.ones(4, len(wrong), dtype=torch.bool)
+    candidates[0, 33] = False  # not a candidate: the nearest ones (32, then 34) are taken
+    tier, primary, _ = chain_oracle_criterion(None, None, candidates, torch.Generator().manual_seed(0),
+                                              context=context(True))
+    assert tier[:, 0].tolist() == [7, 8, 8, 8]
+    assert primary[0, 32] == primary[0, 34] == -1 and primary[0, 33] == 0
+    # The chain datasets carry the gold transcript the oracle reads.
+    data = make_chain_tasks(2, 1, lengths=(2,))
+    assert data["train"][0]["gold_completion"].count("<python>") == 2

@@ -113,6 +113,12 @@ class StepSettings:
         """The criterion reads Ω (declared by its registry entry): only then are Ω's reference log-probs computed."""
         return core.uses_omega(self.criterion)
 
+    @property
+    def uses_context(self) -> bool:
+        """The criterion reads the roots' `core.BranchContext` (declared by its registry entry)."""
+        rule = core.BRANCH_CRITERIA.get(self.criterion)
+        return bool(rule is not None and rule.needs_context)
+
     def future_kl_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `core.future_kl_weights` (docs/algorithm.md §4)."""
         return dict(decay=self.future_kl_decay, clip=self.future_kl_clip, clip_high_only=self.future_kl_clip_high_only,
@@ -254,6 +260,8 @@ def branch_and_credit(batch: dict[str, Any], port: StepPort, settings: StepSetti
         bs, candidates, B, criterion=settings.criterion, pooled=settings.selection == "pooled", group_size=N,
         min_distance=settings.min_distance, generator=port.generator, entropy=entropy,
         allocation=settings.allocation, rewards=root_scalar if by_need else None,
+        context=core.BranchContext(logp_current * model_mask, view.completion_ids, view.completion_model_mask,
+                                   rows["appo_inputs"], port.tokenizer, settings.keep_token),
     )  # (P,) each
     ends = shared_end(pts.position, settings.keep_token)
     t_score = time.perf_counter()
@@ -308,7 +316,8 @@ def branch_and_credit(batch: dict[str, Any], port: StepPort, settings: StepSetti
     metrics = step_metrics(view=view, scores=bs, points=pts, branches=branches, branch_rewards=branch_rewards,
                            root_rewards=root_rewards, weights=weights, credit=credit,
                            timings=(t_score - t0, t_gen - t_score, t_reward - t_gen), branch_rows=branch_rows,
-                           uses_omega=settings.uses_omega, gather=port.gather, device=device)
+                           uses_omega=settings.uses_omega, gather=port.gather, device=device,
+                           hinted=settings.uses_context)
     metrics.update(agreement_metrics(root_rewards, branch_rewards, weights, branch_prompt, N))
     on = model_mask.to(credit.device).float()
     table = BranchCompletions(prompts=branch_prompts, completions=completions, rewards=branch_rewards,

@@ -48,7 +48,7 @@ def rollout_metrics(rollouts: Sequence, gather: Gather, device, prefix: str, wit
 
 
 def step_metrics(*, view, scores, points, branches, branch_rewards, root_rewards, weights, credit, timings,
-                 branch_rows, uses_omega: bool, gather: Gather, device) -> dict[str, float]:
+                 branch_rows, uses_omega: bool, gather: Gather, device, hinted: bool = False) -> dict[str, float]:
     """The step's ``appo/*`` metrics.
 
     Args:
@@ -56,7 +56,8 @@ def step_metrics(*, view, scores, points, branches, branch_rewards, root_rewards
         branches: this rank's branch rollouts. branch_rewards: (P_all, F) and root_rewards: (R_all, F), gathered.
         weights: (F,) reward weights. credit: (R, T) per-token advantages. timings: seconds (score, generate,
         reward). branch_rows: the branch loss rows or None. uses_omega: the criterion reads Ω (else Ω/BS metrics
-        are left out: they are not computed).
+        are left out: they are not computed). hinted: the criterion reads the roots' context (``needs_context``),
+        so the share of points it placed by a hint (code 7) is logged.
     """
     out: dict[str, float] = {}
     pts = core.BranchPoints(*(x.cpu() for x in points))
@@ -81,6 +82,7 @@ def step_metrics(*, view, scores, points, branches, branch_rewards, root_rewards
             (pts.fallback == 4).float().mean().item() if len(pts.fallback) else nan,
             (pts.fallback == 5).float().mean().item() if len(pts.fallback) else nan,
             float(loss_tokens(branch_rows)) if branch_rows is not None else 0.0,
+            (pts.fallback == 7).float().mean().item() if len(pts.fallback) else nan,
         ],
         device=device,
     )
@@ -98,6 +100,8 @@ def step_metrics(*, view, scores, points, branches, branch_rewards, root_rewards
     out["appo/branch_no_candidate_frac"] = torch.nanmean(g[:, 9]).item()
     if branch_rows is not None:
         out["appo/branch_loss_tokens"] = g[:, 10].sum().item()
+    if hinted:  # a criterion that knows where to branch (core.hint_ranking): how many points it named
+        out["appo/branch_hint_frac"] = torch.nanmean(g[:, 11]).item()
     br = (branch_rewards.to(device) * weights.unsqueeze(0)).nansum(dim=1)
     rr = (root_rewards.to(device) * weights.unsqueeze(0)).nansum(dim=1)
     out["appo/branch_reward"] = br.mean().item()

@@ -432,12 +432,16 @@ def make_chain_tasks(
     lengths: Sequence[int] = (6,),
     heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
 ) -> hf_datasets.DatasetDict:
-    """``DatasetDict(train=..., heldout=...)`` of chain rows with :data:`CHAIN_SYSTEM_PROMPT`."""
+    """``DatasetDict(train=..., heldout=...)`` of chain rows with :data:`CHAIN_SYSTEM_PROMPT`; each row also carries
+    its ideal transcript as ``gold_completion`` (for :func:`chain_oracle_criterion`; rewards ignore it)."""
+
+    def rows(tasks: list[ChainTask]) -> hf_datasets.Dataset:
+        data = tasks_to_dataset(tasks, CHAIN_SYSTEM_PROMPT)
+        return data.add_column("gold_completion", [ideal_completion(t) for t in tasks])
+
     return hf_datasets.DatasetDict(
-        {
-            split: tasks_to_dataset(chain_tasks(n, split, seed, lengths, heldout_fraction), CHAIN_SYSTEM_PROMPT)
-            for split, n in (("train", n_train), ("heldout", n_heldout))
-        }
+        {split: rows(chain_tasks(n, split, seed, lengths, heldout_fraction))
+         for split, n in (("train", n_train), ("heldout", n_heldout))}
     )
 
 
@@ -472,3 +476,34 @@ def first_wrong_token(tokenizer, completion_ids: Sequence[int], model_mask: Sequ
                 raise ValueError(f"the rollout leaves the gold at tool token {i}: is `gold` this task's transcript?")
             return i
     return None
+
+
+def oracle_hints(context) -> list[int | None]:
+    """Per root of a ``core.BranchContext``, the branch position that re-decides its first wrong model token
+    (:func:`first_wrong_token` against the row's ``gold_completion`` plus the tokenizer's eos text): the token
+    before it when branches keep their chosen token, the token itself when they re-decide it. None where the row
+    has no ``gold_completion``, the rollout never left the gold, or the first token is already wrong under
+    ``keep_token`` (nothing right to keep)."""
+    tok = context.tokenizer
+    hints: list[int | None] = []
+    for ids, mask, row in zip(context.completion_ids, context.model_mask, context.inputs, strict=True):
+        gold = row.get("gold_completion") if isinstance(row, Mapping) else None
+        i = None
+        if gold is not None:
+            try:
+                i = first_wrong_token(tok, ids, mask, gold + (tok.eos_token or ""))
+            except ValueError:  # left the gold on a tool token: not this row's transcript; no hint
+                i = None
+        if i is not None and context.keep_token:
+            i = i - 1 if i >= 1 else None
+        hints.append(i)
+    return hints
+
+
+def chain_oracle_criterion(scores, entropy_key, candidates, generator, *, context):
+    """Branch criterion (register it with ``core.register_branch_criterion(name, needs_context=True)``): each
+    failed root branches at its first wrong token (:func:`oracle_hints`), the nearest candidate when that token is
+    not one; roots without one (correct, or no gold) branch at random candidates."""
+    from trl_appo import core
+
+    return core.hint_ranking(oracle_hints(context), candidates, generator)

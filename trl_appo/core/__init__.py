@@ -65,7 +65,15 @@ from .registry import (
 )
 from .scan import discounted_suffix_sum
 from .score import BranchingScore, branch_candidates, branching_score
-from .selection import FALLBACK_CODES, BranchPoints, groups_all_equal, need_allocation, select_branch_points
+from .selection import (
+    FALLBACK_CODES,
+    BranchContext,
+    BranchPoints,
+    groups_all_equal,
+    hint_ranking,
+    need_allocation,
+    select_branch_points,
+)
 
 __all__ = [
     "ALLOCATIONS",
@@ -78,6 +86,7 @@ __all__ = [
     "OMEGA_CRITERIA",
     "SCALE_REWARDS",
     "BranchAdvantageInputs",
+    "BranchContext",
     "BranchPoints",
     "BranchingScore",
     "FutureKLWeights",
@@ -95,6 +104,7 @@ __all__ = [
     "get_branch_criterion",
     "get_future_kl_form",
     "groups_all_equal",
+    "hint_ranking",
     "need_allocation",
     "omega_criteria",
     "register_allocation",

@@ -4,7 +4,9 @@ Each rule is a :class:`Rule`: its function plus what it declares it needs, so ca
 never from a hand-kept list, what to compute for it (e.g. Ω's reference log-probs only for ``needs_omega`` rules):
 
 * ``BRANCH_CRITERIA``   §1 where to branch: ``fn(scores, entropy_key, candidates, generator) -> (tier, primary,
-  secondary)`` ranking keys; declares ``needs_omega`` (ranks by the Branching Score, so Ω must be computed).
+  secondary)`` ranking keys; declares ``needs_omega`` (ranks by the Branching Score, so Ω must be computed) and
+  ``needs_context`` (also called with ``context=`` a ``core.BranchContext``: the sampled tokens' log-probs, the
+  completions, the dataset rows and the tokenizer, for surprisal or task-aware rules such as a known first error).
 * ``ALLOCATIONS``       §1 how many branch points each prompt group gets: ``fn(num_groups, group_size, num_branches)
   -> list[int]`` quotas (``"uniform"``: B per root); a rule that declares ``needs_rewards`` is called
   ``fn(rewards (R,), group_size N, num_branches K) -> list[int]`` per-root counts summing to R·K (``"need"``, §9).
@@ -60,6 +62,7 @@ class Rule:
     needs_omega: bool = False  # criteria: reads the Branching Score, so Ω's reference log-probs are computed
     needs_fork_points: bool = False  # branch advantages: reads every rank's (root, shared end) of each branch
     needs_rewards: bool = False  # allocations: reads the roots' rewards (per-root counts instead of group quotas)
+    needs_context: bool = False  # criteria: called with `context=` (core.BranchContext: log-probs, rows, tokenizer)
     description: str = ""
 
     def __call__(self, *args, **kwargs):
@@ -99,11 +102,13 @@ NO_BRANCHING = "none"
 """The criterion name that turns branching off (M independent roots: GRPO on the same budget)."""
 
 
-def register_branch_criterion(name: str, *, needs_omega: bool = False, description: str | None = None):
+def register_branch_criterion(name: str, *, needs_omega: bool = False, needs_context: bool = False,
+                              description: str | None = None):
     """Decorator: a branch-selection criterion ``fn(scores, entropy_key, candidates, generator) -> (tier, primary,
-    secondary)`` under ``name``; ``needs_omega=True`` if it reads the Branching Score (Ω is then computed)."""
+    secondary)`` under ``name``; ``needs_omega=True`` if it reads the Branching Score (Ω is then computed);
+    ``needs_context=True`` if it also takes ``context=`` (``core.BranchContext``)."""
     extra = {} if description is None else {"description": description}
-    return BRANCH_CRITERIA.register(name, needs_omega=needs_omega, **extra)
+    return BRANCH_CRITERIA.register(name, needs_omega=needs_omega, needs_context=needs_context, **extra)
 
 
 def register_allocation(name: str, *, needs_rewards: bool = False, description: str | None = None):
@@ -127,7 +132,7 @@ def register_future_kl_form(name: str, *, description: str | None = None):
 
 
 def get_branch_criterion(name: str) -> Rule:
-    """The registered branch criterion ``name`` ("bs", "entropy", "random"); ``ValueError`` listing the valid ones."""
+    """The registered branch criterion ``name`` ("bs", "entropy", "surprisal", "random"); ``ValueError`` listing the valid ones."""
     return BRANCH_CRITERIA.lookup(name)
 
 

@@ -8,7 +8,8 @@ with the soft ``min_distance``).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -16,8 +17,9 @@ from ._checks import _check_finite_on_mask, _check_floating, _check_same_device,
 from .registry import get_allocation, get_branch_criterion, register_allocation, register_branch_criterion
 from .score import BranchingScore
 
-#: meaning of ``BranchPoints.fallback``
-FALLBACK_CODES = {0: "strict", 1: "bs_fill", 2: "entropy", 3: "random", 4: "duplicate", 5: "no_candidate"}
+#: meaning of ``BranchPoints.fallback`` (a criterion's tier is its code: lower tiers are picked first)
+FALLBACK_CODES = {0: "strict", 1: "bs_fill", 2: "entropy", 3: "random", 4: "duplicate", 5: "no_candidate",
+                  6: "surprisal", 7: "hint", 8: "hint_fill"}
 _NON_CANDIDATE_TIER = 99
 
 
@@ -40,6 +42,25 @@ class BranchPoints(NamedTuple):
     score: torch.Tensor
 
 
+class BranchContext(NamedTuple):
+    """What a criterion that declares ``needs_context`` gets besides the scores (keyword ``context=``).
+
+    logp:           (B, T) float, the current policy's log-prob of each sampled completion token (0 off the model mask).
+    completion_ids: B unpadded token-id lists, row order of ``candidates``.
+    model_mask:     B lists, 1 on model-written tokens, 0 on tool output.
+    inputs:         B dataset rows (dicts) the roots were generated from, extra columns included.
+    tokenizer:      the processing class, to decode ``completion_ids``.
+    keep_token:     True when a branch keeps its chosen token s and continues after it; False when it re-decides s.
+    """
+
+    logp: torch.Tensor
+    completion_ids: Sequence[Sequence[int]]
+    model_mask: Sequence[Sequence[int]]
+    inputs: Sequence[dict[str, Any]]
+    tokenizer: Any
+    keep_token: bool
+
+
 @register_branch_criterion("bs", needs_omega=True)
 def _criterion_bs(scores, entropy_key, candidates, generator):
     """Branching Score: strict (z_H>0 ∧ z_Ω>0) by BS, then BS>0 by BS, then by entropy (the paper)."""
@@ -59,6 +80,38 @@ def _criterion_bs(scores, entropy_key, candidates, generator):
 def _criterion_entropy(scores, entropy_key, candidates, generator):
     """Entropy alone (ablation)."""
     return torch.full_like(candidates, 2, dtype=torch.long), entropy_key, torch.zeros_like(entropy_key)
+
+
+@register_branch_criterion("surprisal", needs_context=True)
+def _criterion_surprisal(scores, entropy_key, candidates, generator, *, context: BranchContext):
+    """Surprisal, −log p of the sampled token (ablation): the least expected choices first."""
+    _check_tensor("context.logp", context.logp, 2)
+    _check_same_shape("candidates", candidates, **{"context.logp": context.logp})
+    _check_finite_on_mask("context.logp", context.logp, candidates, "pass finite log-probs on candidate tokens.")
+    surprisal = -context.logp.to(torch.float64)
+    return torch.full_like(candidates, 6, dtype=torch.long), surprisal, entropy_key
+
+
+def hint_ranking(hints: Sequence[int | None], candidates: torch.Tensor, generator: torch.Generator | None = None):
+    """Ranking keys for a criterion that knows where each root should branch (e.g. a task's first wrong token).
+
+    ``hints[b]`` is the token index to branch at in row b (as ``BranchPoints.position``), or None where the task
+    names none. A hinted row's candidates rank by distance to the hint, nearest first (ties: the earlier token),
+    all with code 7 ("hint"); rows without a hint rank at random after every hinted candidate (code 8,
+    "hint_fill"). Returns ``(tier, primary, secondary)`` as a criterion does.
+    """
+    _check_tensor("candidates", candidates, 2)
+    B, T = candidates.shape
+    if len(hints) != B:
+        raise ValueError(f"`hints` has {len(hints)} entries, expected one per row ({B}).")
+    has = torch.tensor([h is not None for h in hints], dtype=torch.bool, device=candidates.device)
+    target = torch.tensor([-1 if h is None else int(h) for h in hints], dtype=torch.float64,
+                          device=candidates.device)
+    distance = (torch.arange(T, dtype=torch.float64, device=candidates.device)[None, :] - target[:, None]).abs()
+    keys = torch.rand(candidates.shape, generator=generator, dtype=torch.float64).to(candidates.device)
+    tier = torch.where(has[:, None], 7, 8).expand(B, T).to(torch.long)
+    primary = torch.where(has[:, None], -distance, keys)
+    return tier, primary, torch.zeros_like(primary)
 
 
 @register_branch_criterion("random")
@@ -102,6 +155,7 @@ def select_branch_points(
     entropy: torch.Tensor | None = None,
     allocation: str = "uniform",
     rewards: torch.Tensor | None = None,
+    context: BranchContext | None = None,
 ) -> BranchPoints:
     """Choose branch points, docs/algorithm.md §1 (selection) and the ablation criteria.
 
@@ -110,7 +164,10 @@ def select_branch_points(
         then the rest by entropy desc (code 2). A degenerate row has BS = z_H and no strict candidate, so it ranks
         by entropy alone, all code 2.
       * "entropy": by entropy desc (code 2).
+      * "surprisal": by −log p of the sampled token desc, from ``context.logp`` (code 6).
       * "random": uniform over candidates, drawn from ``generator`` (code 3); reproducible for a seeded generator.
+      * a registered rule that declares ``needs_context`` is also given ``context=``; ``hint_ranking`` builds the
+        keys of a rule that knows each root's branch point (codes 7 and 8).
     Ties: BS ties by entropy desc, then lower token index, then lower row. Everything else is deterministic.
     (The "none" ablation — no branching — is ``num_branches=0``, which returns empty tensors.)
 
@@ -138,6 +195,7 @@ def select_branch_points(
             groups, pooled or not) and returns per-root counts summing to B·K; per-root mode takes each root's
             count, pooled mode each group's sum. Either way P = B·K.
         rewards: (B,) scalar reward of each root, for allocations that declare ``needs_rewards``.
+        context: ``BranchContext`` of the B roots, for criteria that declare ``needs_context``.
 
     Returns:
         ``BranchPoints`` of length P (B·K per-root; B·K in pooled mode too, since every group asks for
@@ -156,7 +214,12 @@ def select_branch_points(
     if B * num_branches == 0:
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return BranchPoints(empty, empty.clone(), empty.bool(), empty.clone(), torch.zeros(0, device=device))
-    tier, primary, secondary = rule(scores, entropy_key, candidates, generator)
+    if rule.needs_context:
+        if context is None:
+            raise ValueError(f"criterion {criterion!r} needs `context` (a BranchContext of the roots).")
+        tier, primary, secondary = rule(scores, entropy_key, candidates, generator, context=context)
+    else:
+        tier, primary, secondary = rule(scores, entropy_key, candidates, generator)
     if alloc_rule.needs_rewards:
         counts = _checked_counts(alloc_rule, rewards, candidates, group_size, num_branches)
         quotas = [sum(counts[g * gs : (g + 1) * gs]) for g in range(B // gs)]
@@ -215,7 +278,7 @@ def _check_selection_inputs(scores, candidates, num_branches, criterion, pooled,
         return entropy.to(torch.float64)
     if scores is not None:
         return scores.z_entropy.to(torch.float64)
-    if criterion == "random":
+    if criterion == "random" or get_branch_criterion(criterion).needs_context:
         return torch.zeros(B, T, dtype=torch.float64, device=candidates.device)
     raise ValueError(f"criterion {criterion!r} needs `scores` or `entropy`.")
 

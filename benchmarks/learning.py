@@ -112,6 +112,12 @@ VARIANTS["appo"] = {}
 VARIANTS["appo_tokens"] = {"rollout_budget": "tokens"}
 VARIANTS["appo_tokens_need"] = {"rollout_budget": "tokens", "branch_allocation": "need"}
 VARIANTS["appo_tokens_pergen"] = {"rollout_budget": "tokens", "branch_schedule": "per_generation"}
+# Where to branch, at equal branch counts (issue 15, item 4, the `oracle` regime): the same tree as
+# appo_tokens_pergen (whose criterion is the Branching Score) with entropy, surprisal (−log p of the sampled token),
+# uniform random, and the oracle: each failed root branches at its first wrong token, known from the gold
+# transcript (trl_appo.tasks.chain_oracle_criterion; correct roots branch at random).
+for _criterion in ("entropy", "surprisal", "random", "oracle"):
+    VARIANTS[f"appo_pergen_{_criterion}"] = {**VARIANTS["appo_tokens_pergen"], "branch_criterion": _criterion}
 # The picture shows these (when run); every variant is in the table and the JSON.
 PLOT_VARIANTS = ("grpo", "appo_paper_n4b1", "suffix_dual_n4b1", "suffix_joint_resample_n4b1", "grpo_lr2x",
                  "appo_paper_lr2x_n4b1", "suffix_joint_resample_lr2x_n4b1")
@@ -194,8 +200,11 @@ REGIMES: dict[str, dict[str, Any]] = {
     # deep chain, tight budget: 6 dependent calls, ~136 model-written tokens (~207 with tool output) per rollout;
     # warm start aimed at held-out Pass@1 10-20 %. Budgets M = 4 and M = 8 (`--num-generations`).
     "deep": {**_WARM, "chain_lengths": (6,), "max_completion_length": 256, "max_tool_calls": 6, "eval_every": 100},
-    # hard prompts: a mix of short and long chains where 30-50 % of prompts have no correct rollout of 8 at start
-    "hard": {**_WARM, "chain_lengths": (2, 6), "max_completion_length": 256, "max_tool_calls": 6, "eval_every": 100},
+    # hard prompts: a mix of short and long chains where 30-50 % of prompts have no correct rollout of 8 at start.
+    # Calibrated before any run on it: the mix (2, 6) gave 23.5 % with 0/8 (the 2-call chains are nearly always
+    # right, the 6-call ones half the time not), so a third of the prompts are 2-call chains and two thirds 6-call.
+    "hard": {**_WARM, "chain_lengths": (2, 6, 6), "max_completion_length": 256, "max_tool_calls": 6,
+             "eval_every": 100},
     # known decision point: 3 dependent calls; a failed rollout's first wrong token is where its text leaves the
     # gold transcript (trl_appo.tasks.first_wrong_token), the oracle branch point
     "oracle": {**_WARM, "chain_lengths": (3,), "max_completion_length": 128, "max_tool_calls": 3, "eval_every": 100},
@@ -277,6 +286,10 @@ def _setup_process() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    from trl_appo import core, tasks
+
+    if "oracle" not in core.BRANCH_CRITERIA:  # the appo_pergen_oracle variant's criterion (reads the gold column)
+        core.register_branch_criterion("oracle", needs_context=True)(tasks.chain_oracle_criterion)
 
 
 def warm_state(s: Settings, cache_dir: Path, log=print):

@@ -42,8 +42,10 @@ TRAIN_FIELDS = {
     'branch_criterion': (
         'APPOConfig',
         "Where to branch (docs/algorithm.md §1): 'bs' (Branching Score z(H)·z(Ω)), 'entropy' (z(H) only, "
-        "ARPO-like), 'random' (uniform over candidates, seeded), or 'none' (no branching: M independent "
-        'roots, i.e. GRPO on the same budget).',
+        "ARPO-like), 'surprisal' (−log p of the sampled token), 'random' (uniform over candidates, "
+        "seeded), 'none' (no branching: M independent roots, i.e. GRPO on the same budget), or any rule "
+        "registered with `core.register_branch_criterion` (e.g. a task's known first error, via "
+        '`core.hint_ranking`).',
     ),
     'branch_schedule': (
         'APPOConfig',

@@ -945,6 +945,85 @@ def calibrate(s: Settings, cache_dir: Path, out_path: Path, samples: int = 8, or
     return rec
 
 
+def branch_point_diagnostic(s: Settings, cache_dir: Path, out_path: Path, prompts: int = 200, per_prompt: int = 2,
+                            branches: int = 2, random_draws: int = 50) -> dict:
+    """Do the branch criteria find a failed rollout's first error? (warm start only; no training, no APPO run)
+
+    Rollouts of the regime's warm start on `prompts` held-out chains × `per_prompt`; for every failed one whose first
+    wrong token i is located (`trl_appo.tasks.first_wrong_token`), the candidates (`core.branch_candidates`, the
+    trainer's rules) are ranked by each criterion on the warm model's own entropy and sampled-token log-probs, as
+    the step ranks a root under `branch_point_token="resample"` (a pick s keeps 0..s-1 and re-decides s, so a branch
+    can only be right when s <= i, and re-decides the error itself when s == i). Reported per criterion over the
+    failed rollouts: the top pick is i (`exact@1`), the top pick is at or before i (`before@1`), and any of the
+    top `branches` picks is at or before i (`any_before@B`); random's figures average `random_draws` draws. Merged
+    into `out_path` under `<regime>__branch_points`.
+    """
+    _setup_process()
+    import torch
+
+    from trl_appo import core, tasks
+    from trl_appo.rollout import TagProtocol
+    from trl_appo.rollout.engine import RolloutEngine
+
+    t0 = time.perf_counter()
+    tok = tokenizer()
+    model = new_model(s, tok, warm_state(s, cache_dir))
+    model.eval()
+    data = task_data(s)["heldout"]
+    held = tasks.chain_tasks(s.heldout, "heldout", 0, s.chain_lengths)
+    k = min(prompts, len(held))
+    engine = RolloutEngine(eval_generate_fn(model, tok, s), tok, TagProtocol(tok), [make_tool()],
+                           max_completion_length=s.max_completion_length, max_tool_calls=s.max_tool_calls)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(30_000)
+        ids = engine.tokenize_prompts([r["prompt"] for r in data.select(range(k))])
+        rollouts = engine.run([x for x in ids for _ in range(per_prompt)], group_size=per_prompt)
+    ws = torch.tensor([tok.decode([i]).strip() == "" for i in range(len(tok))], dtype=torch.bool)
+    counts = {c: {"exact@1": 0.0, "before@1": 0.0, f"any_before@{branches}": 0.0}
+              for c in ("entropy", "surprisal", "random")}
+    failed = located = 0
+    rel = []
+    for j, r in enumerate(rollouts):
+        gold = tasks.ideal_completion(held[j // per_prompt]) + tok.eos_token
+        if tok.decode(r.completion_ids) == gold:
+            continue
+        failed += 1
+        i = tasks.first_wrong_token(tok, r.completion_ids, r.model_mask, gold)
+        if i is None:
+            continue
+        located += 1
+        rel.append(i / len(r.completion_ids))
+        c_ids = torch.tensor([r.completion_ids])
+        with torch.no_grad():
+            logits = model(torch.tensor([r.prompt_ids + r.completion_ids])).logits[:, len(r.prompt_ids) - 1 : -1]
+        logp_all = torch.log_softmax(logits.double(), -1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        logp = logp_all.gather(-1, c_ids[..., None])[..., 0]
+        mask = torch.tensor([r.model_mask])
+        cand = core.branch_candidates(mask.bool(), torch.tensor([len(r.completion_ids)]), s.max_completion_length,
+                                      s.min_branch_tokens, whitespace_mask=ws[c_ids])
+        ctx = core.BranchContext(logp * mask, [r.completion_ids], [r.model_mask], [{}], tok, False)
+        for c in counts:
+            draws = random_draws if c == "random" else 1
+            for d in range(draws):
+                pts = core.select_branch_points(None, cand, branches, criterion=c, entropy=entropy, context=ctx,
+                                                generator=torch.Generator().manual_seed(d))
+                picks = pts.position.tolist()
+                counts[c]["exact@1"] += (picks[0] == i) / draws
+                counts[c]["before@1"] += (0 <= picks[0] <= i) / draws
+                counts[c][f"any_before@{branches}"] += any(0 <= p <= i for p in picks) / draws
+    rec = {"regime": s.regime, "warm_key": s.warm_key(), "rollouts": len(rollouts), "failed": failed,
+           "located": located, "first_error_relative_position": statistics.fmean(rel) if rel else None,
+           "criteria": {c: {m: v / max(located, 1) for m, v in ms.items()} for c, ms in counts.items()},
+           "branch_point_token": "resample", "branches_per_root": branches, "seconds": time.perf_counter() - t0}
+    data_all = json.loads(out_path.read_text()) if out_path.exists() else {}
+    data_all[f"{s.regime}__branch_points"] = rec
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(data_all, indent=1))
+    print(json.dumps(rec, indent=1))
+    return rec
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default=None, help=f"comma list of {sorted(VARIANTS)}")
@@ -965,6 +1044,9 @@ def main(argv=None) -> int:
     p.add_argument("--report", action="store_true", help="only aggregate the saved runs")
     p.add_argument("--calibrate", action="store_true",
                    help="only measure the regime's warm start (Pass@1/4/8, prompts with 0/8 correct, oracle points)")
+    p.add_argument("--branch-points", action="store_true",
+                   help="only measure, on the warm start, whether each criterion's picks fall at or before a failed "
+                        "rollout's first wrong token (chain regimes)")
     p.add_argument("--out-dir", type=Path, default=None, help="where runs go (default results/learning[_<regime>])")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "trl_appo" / "bench")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON and the picture go")
@@ -991,6 +1073,12 @@ def main(argv=None) -> int:
     if a.calibrate:
         calibrate(s, a.cache_dir, a.results_dir / f"calibration_regimes{suffix}.json", samples=2 if a.quick else 8,
                   oracle_prompts=2 if a.quick else 100)
+        return 0
+    if a.branch_points:
+        if a.regime == "tiny":
+            p.error("--branch-points needs a chain regime (deep, hard, oracle): tiny has no gold transcript")
+        branch_point_diagnostic(s, a.cache_dir, a.results_dir / f"branch_points{suffix}.json",
+                                prompts=2 if a.quick else 200)
         return 0
     default = DEFAULT_GRID if a.regime == "tiny" else ("grpo", "grpo_2xm")
     variants = [v.strip() for v in (a.variants or ",".join(default)).split(",") if v.strip()]

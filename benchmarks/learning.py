@@ -955,8 +955,10 @@ def branch_point_diagnostic(s: Settings, cache_dir: Path, out_path: Path, prompt
     the step ranks a root under `branch_point_token="resample"` (a pick s keeps 0..s-1 and re-decides s, so a branch
     can only be right when s <= i, and re-decides the error itself when s == i). Reported per criterion over the
     failed rollouts: the top pick is i (`exact@1`), the top pick is at or before i (`before@1`), and any of the
-    top `branches` picks is at or before i (`any_before@B`); random's figures average `random_draws` draws. Merged
-    into `out_path` under `<regime>__branch_points`.
+    top `branches` picks is at or before i (`any_before@B`); random's figures average `random_draws` draws. Then
+    the branches themselves are generated from each criterion's picks (random: its first draw) and rewarded:
+    `branch_success` is the share of branches of failed rollouts that end correct, the signal a group whose roots
+    all failed gets from branching. Merged into `out_path` under `<regime>__branch_points`.
     """
     _setup_process()
     import torch
@@ -983,6 +985,7 @@ def branch_point_diagnostic(s: Settings, cache_dir: Path, out_path: Path, prompt
               for c in ("entropy", "surprisal", "random")}
     failed = located = 0
     rel = []
+    starts: dict[str, list[tuple[int, int]]] = {c: [] for c in counts}  # (rollout, pick) of the generated branches
     for j, r in enumerate(rollouts):
         gold = tasks.ideal_completion(held[j // per_prompt]) + tok.eos_token
         if tok.decode(r.completion_ids) == gold:
@@ -1009,12 +1012,32 @@ def branch_point_diagnostic(s: Settings, cache_dir: Path, out_path: Path, prompt
                 pts = core.select_branch_points(None, cand, branches, criterion=c, entropy=entropy, context=ctx,
                                                 generator=torch.Generator().manual_seed(d))
                 picks = pts.position.tolist()
+                if d == 0:
+                    starts[c] += [(j, p) for p in picks]
                 counts[c]["exact@1"] += (picks[0] == i) / draws
                 counts[c]["before@1"] += (0 <= picks[0] <= i) / draws
                 counts[c][f"any_before@{branches}"] += any(0 <= p <= i for p in picks) / draws
+    # The branches themselves: each criterion's picks on the failed rollouts (random: its first draw), continued
+    # through the same engine (keep 0..s-1, re-decide s), rewarded like the roots.
+    from trl_appo.rollout import Prefix
+
+    success: dict[str, float] = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(40_000)
+        for c, pairs in starts.items():
+            prompts_c = [rollouts[j].prompt_ids for j, _ in pairs]
+            prefixes = [Prefix(rollouts[j].completion_ids[:p], rollouts[j].model_mask[:p]) if p > 0 else None
+                        for j, p in pairs]
+            out = engine.run(prompts_c, prefixes) if pairs else []
+            texts = [tok.decode(b.completion_ids, skip_special_tokens=True) for b in out]
+            gts = [held[j // per_prompt].answer for j, _ in pairs]
+            rewards = binary_answer_reward(completions=texts, ground_truth=gts)
+            success[c] = statistics.fmean(rewards) if rewards else math.nan
     rec = {"regime": s.regime, "warm_key": s.warm_key(), "rollouts": len(rollouts), "failed": failed,
            "located": located, "first_error_relative_position": statistics.fmean(rel) if rel else None,
-           "criteria": {c: {m: v / max(located, 1) for m, v in ms.items()} for c, ms in counts.items()},
+           "criteria": {c: {**{m: v / max(located, 1) for m, v in ms.items()}, "branch_success": success[c]}
+                        for c, ms in counts.items()},
+           "root_success": 1 - failed / max(len(rollouts), 1),
            "branch_point_token": "resample", "branches_per_root": branches, "seconds": time.perf_counter() - t0}
     data_all = json.loads(out_path.read_text()) if out_path.exists() else {}
     data_all[f"{s.regime}__branch_points"] = rec

@@ -165,6 +165,7 @@ learning.main(["--quick", "--regime", "oracle", "--variants", "appo_pergen_oracl
     assert bp["rollouts"] == 4 and set(bp["criteria"]) == {"entropy", "surprisal", "random"}
     for figures in bp["criteria"].values():
         assert 0.0 <= figures["exact@1"] <= figures["before@1"] <= figures["any_before@2"] <= 1.0
+        assert 0.0 <= figures["branch_success"] <= 1.0  # the branches were generated and rewarded
     cal = json.loads((tmp_path / "calibration_regimes_quick.json").read_text())["oracle__sft10__heldout2"]
     assert 0.0 <= cal["heldout"]["frac_prompts_none_correct"] <= 1.0
     assert cal["first_wrong_token"]["rollouts"] == 4

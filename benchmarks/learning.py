@@ -872,17 +872,37 @@ def write_report(runs_dir: Path, json_path: Path, png_path: Path, readme: Path |
     return md
 
 
+def warm_rollouts(s: Settings, model, tok, rows, held, per_prompt: int, seed: int):
+    """`per_prompt` rollouts of each of `rows` (held-out chain rows; `held` their tasks) by `model` at T = 1 through
+    the regime's engine, seeded; returns (engine, rollouts, off_gold): for each rollout that is not its gold
+    transcript, (its index, its first wrong token, `trl_appo.tasks.first_wrong_token`, or None)."""
+    import torch
+
+    from trl_appo import tasks
+    from trl_appo.rollout import TagProtocol
+    from trl_appo.rollout.engine import RolloutEngine
+
+    engine = RolloutEngine(eval_generate_fn(model, tok, s), tok, TagProtocol(tok), [make_tool()],
+                           max_completion_length=s.max_completion_length, max_tool_calls=s.max_tool_calls)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        ids = engine.tokenize_prompts([r["prompt"] for r in rows])
+        rollouts = engine.run([x for x in ids for _ in range(per_prompt)], group_size=per_prompt)
+    off_gold = []
+    for j, r in enumerate(rollouts):
+        gold = tasks.ideal_completion(held[j // per_prompt]) + tok.eos_token
+        if tok.decode(r.completion_ids) != gold:
+            off_gold.append((j, tasks.first_wrong_token(tok, r.completion_ids, r.model_mask, gold)))
+    return engine, rollouts, off_gold
+
+
 def calibrate(s: Settings, cache_dir: Path, out_path: Path, samples: int = 8, oracle_prompts: int = 100) -> dict:
     """The warm start of a regime, measured: held-out Pass@1/4/8 over `samples` samples per prompt, the fraction
     of prompts with no correct sample, and (chain regimes) where failed rollouts first leave the gold transcript
     (`trl_appo.tasks.first_wrong_token`: the oracle branch point). Merged into `out_path` under
     `<regime>__sft<steps>__heldout<n>`."""
     _setup_process()
-    import torch
-
     from trl_appo import tasks
-    from trl_appo.rollout import TagProtocol
-    from trl_appo.rollout.engine import RolloutEngine
     from trl_appo.sft import tag_transcript_example
 
     t0 = time.perf_counter()
@@ -907,22 +927,12 @@ def calibrate(s: Settings, cache_dir: Path, out_path: Path, samples: int = 8, or
                               "completion_with_tool_output": statistics.fmean(len(e.completion_ids) for e in ex),
                               "model_written_min": min(sum(e.loss_mask) for e in ex),
                               "model_written_max": max(sum(e.loss_mask) for e in ex)}
-        engine = RolloutEngine(eval_generate_fn(model, tok, s), tok, TagProtocol(tok), [make_tool()],
-                               max_completion_length=s.max_completion_length, max_tool_calls=s.max_tool_calls)
         k = min(oracle_prompts, len(held))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(20_000)
-            ids = engine.tokenize_prompts([r["prompt"] for r in data["heldout"].select(range(k))])
-            rollouts = engine.run([x for x in ids for _ in range(2)], group_size=2)
+        _, rollouts, off_gold = warm_rollouts(s, model, tok, data["heldout"].select(range(k)), held, 2, 20_000)
         where: dict[str, int] = {}
-        rel, failed, found = [], 0, 0
-        for j, r in enumerate(rollouts):
-            task = held[j // 2]
-            gold = tasks.ideal_completion(task) + tok.eos_token
-            if tok.decode(r.completion_ids) == gold:
-                continue
-            failed += 1
-            i = tasks.first_wrong_token(tok, r.completion_ids, r.model_mask, gold)
+        rel, failed, found = [], len(off_gold), 0
+        for j, i in off_gold:
+            r = rollouts[j]
             if i is None:
                 continue
             found += 1
@@ -964,8 +974,6 @@ def branch_point_diagnostic(s: Settings, cache_dir: Path, out_path: Path, prompt
     import torch
 
     from trl_appo import core, tasks
-    from trl_appo.rollout import TagProtocol
-    from trl_appo.rollout.engine import RolloutEngine
 
     t0 = time.perf_counter()
     tok = tokenizer()
@@ -974,24 +982,15 @@ def branch_point_diagnostic(s: Settings, cache_dir: Path, out_path: Path, prompt
     data = task_data(s)["heldout"]
     held = tasks.chain_tasks(s.heldout, "heldout", 0, s.chain_lengths)
     k = min(prompts, len(held))
-    engine = RolloutEngine(eval_generate_fn(model, tok, s), tok, TagProtocol(tok), [make_tool()],
-                           max_completion_length=s.max_completion_length, max_tool_calls=s.max_tool_calls)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(30_000)
-        ids = engine.tokenize_prompts([r["prompt"] for r in data.select(range(k))])
-        rollouts = engine.run([x for x in ids for _ in range(per_prompt)], group_size=per_prompt)
+    engine, rollouts, off_gold = warm_rollouts(s, model, tok, data.select(range(k)), held, per_prompt, 30_000)
     ws = torch.tensor([tok.decode([i]).strip() == "" for i in range(len(tok))], dtype=torch.bool)
     counts = {c: {"exact@1": 0.0, "before@1": 0.0, f"any_before@{branches}": 0.0}
               for c in ("entropy", "surprisal", "random")}
-    failed = located = 0
+    failed, located = len(off_gold), 0
     rel = []
     starts: dict[str, list[tuple[int, int]]] = {c: [] for c in counts}  # (rollout, pick) of the generated branches
-    for j, r in enumerate(rollouts):
-        gold = tasks.ideal_completion(held[j // per_prompt]) + tok.eos_token
-        if tok.decode(r.completion_ids) == gold:
-            continue
-        failed += 1
-        i = tasks.first_wrong_token(tok, r.completion_ids, r.model_mask, gold)
+    for j, i in off_gold:
+        r = rollouts[j]
         if i is None:
             continue
         located += 1

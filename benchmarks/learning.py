@@ -956,7 +956,7 @@ def calibrate(s: Settings, cache_dir: Path, out_path: Path, samples: int = 8, or
 
 
 def branch_point_diagnostic(s: Settings, cache_dir: Path, out_path: Path, prompts: int = 200, per_prompt: int = 2,
-                            branches: int = 2, random_draws: int = 50) -> dict:
+                            branches: int = 2, random_draws: int = 50, split: str = "heldout") -> dict:
     """Do the branch criteria find a failed rollout's first error? (warm start only; no training, no APPO run)
 
     Rollouts of the regime's warm start on `prompts` held-out chains × `per_prompt`; for every failed one whose first
@@ -968,7 +968,8 @@ def branch_point_diagnostic(s: Settings, cache_dir: Path, out_path: Path, prompt
     top `branches` picks is at or before i (`any_before@B`); random's figures average `random_draws` draws. Then
     the branches themselves are generated from each criterion's picks (random: its first draw) and rewarded:
     `branch_success` is the share of branches of failed rollouts that end correct, the signal a group whose roots
-    all failed gets from branching. Merged into `out_path` under `<regime>__branch_points`.
+    all failed gets from branching. `split="train"` measures on training prompts (the split a method choice may
+    be made on). Merged into `out_path` under `<regime>__branch_points[__train]`.
     """
     _setup_process()
     import torch
@@ -979,8 +980,8 @@ def branch_point_diagnostic(s: Settings, cache_dir: Path, out_path: Path, prompt
     tok = tokenizer()
     model = new_model(s, tok, warm_state(s, cache_dir))
     model.eval()
-    data = task_data(s)["heldout"]
-    held = tasks.chain_tasks(s.heldout, "heldout", 0, s.chain_lengths)
+    data = task_data(s)[split]
+    held = tasks.chain_tasks(len(data), split, 0, s.chain_lengths)  # the rows' tasks (the same seeded draw)
     k = min(prompts, len(held))
     engine, rollouts, off_gold = warm_rollouts(s, model, tok, data.select(range(k)), held, per_prompt, 30_000)
     ws = torch.tensor([tok.decode([i]).strip() == "" for i in range(len(tok))], dtype=torch.bool)
@@ -1037,9 +1038,10 @@ def branch_point_diagnostic(s: Settings, cache_dir: Path, out_path: Path, prompt
            "criteria": {c: {**{m: v / max(located, 1) for m, v in ms.items()}, "branch_success": success[c]}
                         for c, ms in counts.items()},
            "root_success": 1 - failed / max(len(rollouts), 1),
-           "branch_point_token": "resample", "branches_per_root": branches, "seconds": time.perf_counter() - t0}
+           "branch_point_token": "resample", "branches_per_root": branches, "split": split,
+           "seconds": time.perf_counter() - t0}
     data_all = json.loads(out_path.read_text()) if out_path.exists() else {}
-    data_all[f"{s.regime}__branch_points"] = rec
+    data_all[f"{s.regime}__branch_points" + ("" if split == "heldout" else f"__{split}")] = rec
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(data_all, indent=1))
     print(json.dumps(rec, indent=1))
@@ -1069,6 +1071,8 @@ def main(argv=None) -> int:
     p.add_argument("--branch-points", action="store_true",
                    help="only measure, on the warm start, whether each criterion's picks fall at or before a failed "
                         "rollout's first wrong token (chain regimes)")
+    p.add_argument("--split", default="heldout", choices=("train", "heldout"),
+                   help="--branch-points: the prompts it measures on (train: where a method choice may be made)")
     p.add_argument("--out-dir", type=Path, default=None, help="where runs go (default results/learning[_<regime>])")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "trl_appo" / "bench")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON and the picture go")
@@ -1100,7 +1104,7 @@ def main(argv=None) -> int:
         if a.regime == "tiny":
             p.error("--branch-points needs a chain regime (deep, hard, oracle): tiny has no gold transcript")
         branch_point_diagnostic(s, a.cache_dir, a.results_dir / f"branch_points{suffix}.json",
-                                prompts=2 if a.quick else 200)
+                                prompts=2 if a.quick else 200, split=a.split)
         return 0
     default = DEFAULT_GRID if a.regime == "tiny" else ("grpo", "grpo_2xm")
     variants = [v.strip() for v in (a.variants or ",".join(default)).split(",") if v.strip()]

@@ -125,8 +125,9 @@ for regime in ("deep", "hard", "oracle"):
                    "--cache-dir", str(tmp / "cache")])
 learning.main(["--quick", "--regime", "oracle", "--calibrate", "--results-dir", str(tmp), "--cache-dir",
                str(tmp / "cache")])
-learning.main(["--quick", "--regime", "oracle", "--branch-points", "--results-dir", str(tmp), "--cache-dir",
-               str(tmp / "cache")])
+for split in ("heldout", "train"):
+    learning.main(["--quick", "--regime", "oracle", "--branch-points", "--split", split, "--results-dir", str(tmp),
+                   "--cache-dir", str(tmp / "cache")])
 # the budget-matched tree at M = 4 beside GRPO (same seed: the step-0 evaluation is made once and reused)
 learning.main(["--quick", "--regime", "deep", "--variants", "grpo,appo_tokens", "--num-generations", "4",
                "--workers", "0", "--out-dir", str(tmp / "deep4"), "--results-dir", str(tmp / "r4"),
@@ -161,7 +162,9 @@ learning.main(["--quick", "--regime", "oracle", "--variants", "appo_pergen_oracl
     crit = {r["variant"]: r for r in json.loads((tmp_path / "ro" / "learning_oracle_quick.json").read_text())["runs"]}
     assert 0.0 <= crit["appo_pergen_oracle"]["appo_metrics"]["appo/branch_hint_frac"] <= 1.0
     assert crit["appo_pergen_surprisal"]["appo_metrics"]["appo/leaves_per_prompt"] == 6
-    bp = json.loads((tmp_path / "branch_points_quick.json").read_text())["oracle__branch_points"]
+    bps = json.loads((tmp_path / "branch_points_quick.json").read_text())
+    assert bps["oracle__branch_points"]["split"] == "heldout" and bps["oracle__branch_points__train"]["split"] == "train"
+    bp = bps["oracle__branch_points"]
     assert bp["rollouts"] == 4 and set(bp["criteria"]) == {"entropy", "surprisal", "random"}
     for figures in bp["criteria"].values():
         assert 0.0 <= figures["exact@1"] <= figures["before@1"] <= figures["any_before@2"] <= 1.0

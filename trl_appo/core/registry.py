@@ -132,7 +132,8 @@ def register_future_kl_form(name: str, *, description: str | None = None):
 
 
 def get_branch_criterion(name: str) -> Rule:
-    """The registered branch criterion ``name`` ("bs", "entropy", "surprisal", "random"); ``ValueError`` listing the valid ones."""
+    """The registered branch criterion ``name`` ("bs", "entropy", "surprisal", "random", or one registered since);
+    ``ValueError`` listing the valid ones."""
     return BRANCH_CRITERIA.lookup(name)
 
 

@@ -676,6 +676,16 @@ def _interp(xs: list[float], ys: list[float], x: float) -> float | None:
     return ys[-1]
 
 
+def _diff_at_equal(key: str, run: dict, base: dict) -> float | None:
+    """Pass@1 of `run` minus its paired GRPO run's at the same spend of `key` (decoded tokens, training seconds):
+    at the smaller of the two totals, where both curves are measured (piecewise-linear, no extrapolation)."""
+    xs_r, xs_b = [c[key] for c in run["curve"]], [c[key] for c in base["curve"]]
+    at = min(xs_r[-1], xs_b[-1])
+    mine = _interp(xs_r, [c["pass@1"] for c in run["curve"]], at)
+    theirs = _interp(xs_b, [c["pass@1"] for c in base["curve"]], at)
+    return None if mine is None or theirs is None or at <= 0 else mine - theirs
+
+
 def aggregate(runs_dir: Path, warm_key: str | None = None) -> dict[str, Any]:
     """Every run's figures, by label. With `warm_key` (the regimes), runs from another warm start are left out
     (named on stderr): a regime's runs compare only from the same start."""
@@ -696,15 +706,10 @@ def aggregate(runs_dir: Path, warm_key: str | None = None) -> dict[str, Any]:
         start = [r["curve"][0]["pass@1"] for r in rs]
         base_s = {r["seed"]: r for r in by.get(_baseline_label(rs[0]), [])}
         diffs = [r["curve"][-1]["pass@1"] - base_s[r["seed"]]["curve"][-1]["pass@1"] for r in rs if r["seed"] in base_s]
-        # Equal decoded tokens: the paired GRPO run's Pass@1 when it had decoded as many tokens as this run in all.
-        eq_tok = []
-        for r in rs:
-            b = base_s.get(r["seed"])
-            if b is not None:
-                at = _interp([c["decoded_tokens"] for c in b["curve"]], [c["pass@1"] for c in b["curve"]],
-                             r["curve"][-1]["decoded_tokens"])
-                if at is not None:
-                    eq_tok.append(r["curve"][-1]["pass@1"] - at)
+        # Equal decoded tokens / equal training seconds: both runs at the smaller total spend of the pair.
+        pairs = [(r, base_s[r["seed"]]) for r in rs if r["seed"] in base_s]
+        eq_tok = [d for r, b in pairs if (d := _diff_at_equal("decoded_tokens", r, b)) is not None]
+        eq_wall = [d for r, b in pairs if (d := _diff_at_equal("train_seconds", r, b)) is not None]
         modes: dict[str, float] = {}
         for r in rs:
             fm = r["curve"][-1]["failure_modes"]
@@ -722,6 +727,7 @@ def aggregate(runs_dir: Path, warm_key: str | None = None) -> dict[str, Any]:
             "gain": _mean_std([f - s0 for f, s0 in zip(final, start)]),
             "diff_vs_grpo_same_M": _mean_std(diffs), "diff_vs_grpo_per_seed": diffs,
             "diff_vs_grpo_equal_decoded_tokens": _mean_std(eq_tok), "diff_vs_grpo_equal_tokens_per_seed": eq_tok,
+            "diff_vs_grpo_equal_wall": _mean_std(eq_wall), "diff_vs_grpo_equal_wall_per_seed": eq_wall,
             "train_reward_last": _mean_std([r["train_reward_last"] for r in rs]),
             "seconds_per_step": _mean_std([r["train_seconds_per_step"] for r in rs]),
             "wall_ratio_vs_grpo": (statistics.fmean(r["train_seconds_per_step"] for r in rs)
@@ -754,7 +760,7 @@ def best_lr(table: dict[str, Any]) -> dict[str, Any]:
 
 def _fmt(ms, scale=100.0, spec=".1f") -> str:
     m, s = ms
-    return "n/a" if not math.isfinite(m) else f"{m * scale:{spec}} ± {s * scale:{spec}}"
+    return "n/a" if not math.isfinite(m) else f"{m * scale:{spec}} ± {s * scale:{spec.lstrip('+')}}"
 
 
 def markdown(agg: dict[str, Any], extended: bool = False) -> str:
@@ -763,10 +769,11 @@ def markdown(agg: dict[str, Any], extended: bool = False) -> str:
     order = [v for v in VARIANTS if v in t] + sorted(v for v in t if v not in VARIANTS)
     if extended:
         lines = [
-            "| run | M | lr | seeds | Pass@1 start → final (%) | Pass@4 final (%) | Δ Pass@1 vs GRPO, equal steps "
-            "| Δ vs GRPO, equal decoded tokens | train reward (last ¼) | s/step (× GRPO) | decoded tok/step "
+            "| run | M | lr | seeds | Pass@1 start → final (%) | final per seed | Pass@4 final (%) "
+            "| Δ Pass@1 vs GRPO, equal steps | Δ vs GRPO, equal decoded tokens (per seed) "
+            "| Δ vs GRPO, equal training seconds | train reward (last ¼) | s/step (× GRPO) | decoded tok/step "
             "| tool calls/step |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
     else:
         lines = [
@@ -777,12 +784,15 @@ def markdown(agg: dict[str, Any], extended: bool = False) -> str:
     for v in order:
         r = t[v]
         per_seed = ", ".join(f"{x * 100:.1f}" for x in r["pass1_final_per_seed"])
+        tok_seeds = "" if r["variant"] == "grpo" or not r["diff_vs_grpo_equal_tokens_per_seed"] else \
+            " (" + ", ".join(f"{x * 100:+.1f}" for x in r["diff_vs_grpo_equal_tokens_per_seed"]) + ")"
         if extended:
             lines.append(
                 f"| `{v}` | {r['M']} | {r['learning_rate']:g} | {len(r['seeds'])} "
-                f"| {_fmt(r['pass1_start'])} → {_fmt(r['pass1_final'])} | {_fmt(r['pass4_final'])} "
+                f"| {_fmt(r['pass1_start'])} → {_fmt(r['pass1_final'])} | {per_seed} | {_fmt(r['pass4_final'])} "
                 f"| {_fmt(r['diff_vs_grpo_same_M'], spec='+.1f')} "
-                f"| {_fmt(r['diff_vs_grpo_equal_decoded_tokens'], spec='+.1f')} "
+                f"| {_fmt(r['diff_vs_grpo_equal_decoded_tokens'], spec='+.1f')}{tok_seeds} "
+                f"| {_fmt(r.get('diff_vs_grpo_equal_wall', (math.nan, math.nan)), spec='+.1f')} "
                 f"| {_fmt(r['train_reward_last'], 1, '+.3f')} "
                 f"| {r['seconds_per_step'][0]:.2f} ({r['wall_ratio_vs_grpo']:.2f}×) "
                 f"| {r['decoded_tokens_per_step'][0]:.0f} | {r['tool_calls_per_step'][0]:.1f} |"

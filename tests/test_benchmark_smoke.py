@@ -109,6 +109,21 @@ def test_learning_chain_tool_reward_and_failure_modes():
     assert rows[0]["_gold_outputs"] == ["100659", "101177"]
 
 
+def test_learning_compares_paired_runs_at_the_smaller_spend_of_the_pair():
+    """Δ at equal decoded tokens / training seconds: both curves read (linearly) at the smaller of the two totals."""
+    learning = _learning_module()
+
+    def run(xs, ys):
+        return {"curve": [{"decoded_tokens": x, "train_seconds": x, "pass@1": y} for x, y in zip(xs, ys)]}
+
+    appo, grpo = run([0, 100, 200], [0.1, 0.2, 0.3]), run([0, 150, 300], [0.1, 0.1, 0.4])
+    # APPO spent less (200): GRPO at 200 is 0.1 + (0.4 - 0.1) * 50 / 150 = 0.2, so Δ = 0.3 - 0.2.
+    assert math.isclose(learning._diff_at_equal("decoded_tokens", appo, grpo), 0.1)
+    # The other way round (GRPO's spend is smaller): APPO read at GRPO's total.
+    assert math.isclose(learning._diff_at_equal("train_seconds", grpo, appo), 0.2 - 0.3)
+    assert learning._diff_at_equal("decoded_tokens", run([0], [0.1]), grpo) is None  # nothing spent yet
+
+
 def test_learning_regimes_quick_in_one_process(tmp_path):
     """`--regime deep|hard|oracle --quick`: each regime's warm start, GRPO and GRPO at 2x M train and evaluate, the
     report carries Pass@k, decoded tokens, tool calls and the best-lr table, and calibration writes its JSON."""

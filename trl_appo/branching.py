@@ -205,6 +205,15 @@ class RootView:
         )
 
 
+def whitespace_token_table(tokenizer, vocab_size: int = 0) -> torch.Tensor:
+    """(max(vocab_size, len(tokenizer)),) bool: True where a token decodes to whitespace only (never a branch point,
+    docs/algorithm.md §1); a token that decodes to nothing is not whitespace."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    table = torch.zeros(max(vocab_size, len(texts)), dtype=torch.bool)
+    table[: len(texts)] = torch.tensor([t.strip() == "" and t != "" for t in texts])
+    return table
+
+
 def shared_end(position: torch.Tensor, keep_token: bool) -> torch.Tensor:
     """Last token a branch shares with its root: s when the chosen token is kept, s − 1 when it is resampled."""
     return position if keep_token else torch.where(position >= 0, position - 1, position)
@@ -261,7 +270,8 @@ def branch_and_credit(batch: dict[str, Any], port: StepPort, settings: StepSetti
         min_distance=settings.min_distance, generator=port.generator, entropy=entropy,
         allocation=settings.allocation, rewards=root_scalar if by_need else None,
         context=core.BranchContext(logp_current * model_mask, view.completion_ids, view.completion_model_mask,
-                                   rows["appo_inputs"], port.tokenizer, settings.keep_token),
+                                   rows["appo_inputs"], port.tokenizer, settings.keep_token)
+        if settings.uses_context else None,
     )  # (P,) each
     ends = shared_end(pts.position, settings.keep_token)
     t_score = time.perf_counter()

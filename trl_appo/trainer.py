@@ -49,7 +49,7 @@ from trl.trainer.utils import split_tensor_dict
 
 from . import batch_rows, branching, core, records
 from .budget import BudgetMeter, rollout_spend
-from .branching import StepOutput, StepSettings
+from .branching import StepOutput, StepSettings, whitespace_token_table
 from .config import APPOConfig
 from .rollout.build import build_engine, completions_for_rewards, executed_tool_calls
 from .rollout.stopping import generate_stopping_at, stopping_criteria, strip_stop_padding
@@ -769,12 +769,8 @@ class APPOTrainer(GRPOTrainer):
     def _whitespace_table(self, device) -> torch.Tensor:
         """(V,) bool: token decodes to whitespace only (never a branch point, spec §1)."""
         if self._appo_whitespace is None:
-            tok = self._tokenizer
-            vocab = max(len(tok), self.accelerator.unwrap_model(self.model).config.get_text_config().vocab_size)
-            texts = tok.batch_decode([[i] for i in range(len(tok))])
-            table = torch.zeros(vocab, dtype=torch.bool)
-            table[: len(texts)] = torch.tensor([t.strip() == "" and t != "" for t in texts])
-            self._appo_whitespace = table
+            vocab = self.accelerator.unwrap_model(self.model).config.get_text_config().vocab_size
+            self._appo_whitespace = whitespace_token_table(self._tokenizer, vocab)
         return self._appo_whitespace.to(device)
 
     # ------------------------------------------------------------------ loss (spec §4)

@@ -969,7 +969,7 @@ def branch_point_diagnostic(s: Settings, cache_dir: Path, out_path: Path, prompt
                             branches: int = 2, random_draws: int = 50, split: str = "heldout") -> dict:
     """Do the branch criteria find a failed rollout's first error? (warm start only; no training, no APPO run)
 
-    Rollouts of the regime's warm start on `prompts` held-out chains × `per_prompt`; for every failed one whose first
+    Rollouts of the regime's warm start on `prompts` chains of `split` × `per_prompt`; for every failed one whose first
     wrong token i is located (`trl_appo.tasks.first_wrong_token`), the candidates (`core.branch_candidates`, the
     trainer's rules) are ranked by each criterion on the warm model's own entropy and sampled-token log-probs, as
     the step ranks a root under `branch_point_token="resample"` (a pick s keeps 0..s-1 and re-decides s, so a branch
@@ -983,8 +983,10 @@ def branch_point_diagnostic(s: Settings, cache_dir: Path, out_path: Path, prompt
     """
     _setup_process()
     import torch
+    from trl.trainer.utils import selective_log_softmax_and_entropy
 
     from trl_appo import core, tasks
+    from trl_appo.branching import whitespace_token_table
 
     t0 = time.perf_counter()
     tok = tokenizer()
@@ -994,7 +996,7 @@ def branch_point_diagnostic(s: Settings, cache_dir: Path, out_path: Path, prompt
     held = tasks.chain_tasks(len(data), split, 0, s.chain_lengths)  # the rows' tasks (the same seeded draw)
     k = min(prompts, len(held))
     engine, rollouts, off_gold = warm_rollouts(s, model, tok, data.select(range(k)), held, per_prompt, 30_000)
-    ws = torch.tensor([tok.decode([i]).strip() == "" for i in range(len(tok))], dtype=torch.bool)
+    ws = whitespace_token_table(tok, model.config.vocab_size)  # the trainer's rule
     counts = {c: {"exact@1": 0.0, "before@1": 0.0, f"any_before@{branches}": 0.0}
               for c in ("entropy", "surprisal", "random")}
     failed, located = len(off_gold), 0
@@ -1009,9 +1011,7 @@ def branch_point_diagnostic(s: Settings, cache_dir: Path, out_path: Path, prompt
         c_ids = torch.tensor([r.completion_ids])
         with torch.no_grad():
             logits = model(torch.tensor([r.prompt_ids + r.completion_ids])).logits[:, len(r.prompt_ids) - 1 : -1]
-        logp_all = torch.log_softmax(logits.double(), -1)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-        logp = logp_all.gather(-1, c_ids[..., None])[..., 0]
+            logp, entropy = selective_log_softmax_and_entropy(logits.double(), c_ids, entropy_requires_grad=False)
         mask = torch.tensor([r.model_mask])
         cand = core.branch_candidates(mask.bool(), torch.tensor([len(r.completion_ids)]), s.max_completion_length,
                                       s.min_branch_tokens, whitespace_mask=ws[c_ids])

@@ -436,9 +436,9 @@ def test_output_flood_is_truncated(tok):
         ('<tool_call>\n{"name": "add", "arguments": {"a": 3, \n</tool_call><|im_end|>', "malformed tool call"),
         ('<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call><|im_end|>', "unknown tool 'nope'"),
         ('<tool_call>\n{"name": "add", "arguments": {"a": 3}}\n</tool_call><|im_end|>',
-         "invalid arguments for tool 'add': missing a required argument: 'b'"),
+         "add() missing a required argument: 'b'"),
         ('<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 4, "c": 5}}\n</tool_call><|im_end|>',
-         "invalid arguments for tool 'add'"),
+         "add() got an unexpected keyword argument 'c'"),
         # JSON nested 3000 deep: the parser raises RecursionError, which must not escape RolloutEngine.run.
         ('<tool_call>\n{"name": "add", "arguments": {"a": ' + "[" * 3000 + "]" * 3000 + ', "b": 1}}\n</tool_call>'
          "<|im_end|>", "malformed tool call"),

@@ -415,7 +415,8 @@ class ToolRegistry:
         try:
             bound = t.bind(call.arguments)
         except TypeError as exc:
-            raise _CallRejected(f"invalid arguments for tool '{call.name}': {exc}") from None
+            # Python's own wording for a bad call (`add() missing a required argument: 'b'`), as GRPOTrainer shows it
+            raise _CallRejected(f"{call.name}() {exc}") from None
         return t, bound
 
     def _loop(self) -> _AsyncLoop:

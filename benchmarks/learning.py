@@ -736,7 +736,36 @@ def aggregate(runs_dir: Path, warm_key: str | None = None) -> dict[str, Any]:
             "tool_calls_per_step": _mean_std([r.get("tool_calls_per_step", math.nan) for r in rs]),
             "failure_modes_final": modes,
         }
-    return {"variants": table, "best_lr": best_lr(table), "runs": runs}
+    return {"variants": table, "best_lr": best_lr(table), "runs": runs, "vs_random": paired_vs(by, RANDOM_TWIN)}
+
+
+# The criteria comparison (item "known decision point"): every `appo_pergen_<criterion>` against the same tree
+# branching at random points, paired by seed (same branch counts, so about the same decoded tokens).
+RANDOM_TWIN = "appo_pergen_random"
+
+
+def _last_evals_mean(r: dict[str, Any], k: int = 3) -> float:
+    return statistics.fmean(c["pass@1"] for c in r["curve"][-k:])
+
+
+def paired_vs(by: dict[str, list[dict]], base_variant: str) -> dict[str, Any]:
+    """Each `appo_pergen_*` label against the `base_variant` run of the same M, learning rate and seed: Δ held-out
+    Pass@1 at the last evaluation and over the mean of the last 3 evaluations (robust to one noisy evaluation)."""
+    out = {}
+    for label, rs in by.items():
+        v = rs[0]["variant"]
+        if not v.startswith("appo_pergen_") or v == base_variant:
+            continue
+        base = {r["seed"]: r for r in by.get(label.replace(v, base_variant, 1), [])}
+        pairs = [(r, base[r["seed"]]) for r in sorted(rs, key=lambda r: r["seed"]) if r["seed"] in base]
+        if not pairs:
+            continue
+        final = [r["curve"][-1]["pass@1"] - b["curve"][-1]["pass@1"] for r, b in pairs]
+        last3 = [_last_evals_mean(r) - _last_evals_mean(b) for r, b in pairs]
+        out[label] = {"against": label.replace(v, base_variant, 1), "seeds": [r["seed"] for r, _ in pairs],
+                      "diff_final": _mean_std(final), "diff_final_per_seed": final,
+                      "diff_last3": _mean_std(last3), "diff_last3_per_seed": last3}
+    return out
 
 
 def best_lr(table: dict[str, Any]) -> dict[str, Any]:
@@ -814,6 +843,15 @@ def markdown(agg: dict[str, Any], extended: bool = False) -> str:
             d = b["diff_vs_best_grpo_same_M"]
             lines.append(f"| `{key}` | {b['learning_rate']:g} | {_fmt(b['pass1_final'])} | {_fmt(b['pass4_final'])} "
                          f"| {'n/a' if not math.isfinite(d) else f'{d * 100:+.1f}'} |")
+    if extended and agg.get("vs_random"):
+        lines += ["", f"Where to branch: each criterion against `{RANDOM_TWIN}` (the same tree, random branch points), "
+                  "paired by seed:", "",
+                  "| criterion run | seeds | Δ Pass@1 final (per seed) | Δ mean of the last 3 evaluations (per seed) |",
+                  "|---|---|---|---|"]
+        for label, d in sorted(agg["vs_random"].items()):
+            per = [", ".join(f"{x * 100:+.1f}" for x in d[k]) for k in ("diff_final_per_seed", "diff_last3_per_seed")]
+            lines.append(f"| `{label}` | {len(d['seeds'])} | {_fmt(d['diff_final'], spec='+.1f')} ({per[0]}) "
+                         f"| {_fmt(d['diff_last3'], spec='+.1f')} ({per[1]}) |")
     cols = sorted({c for v in order for c in t[v]["failure_modes_final"]} - {"correct"})
     cols = ["correct"] + ([c for c in ("format", "no_tool", "tool_error", "wrong_program", "miscopy", "other")]
                           if not extended else cols)

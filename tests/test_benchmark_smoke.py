@@ -212,3 +212,28 @@ def test_bench_speed_quick_reports_every_variant_against_grpo(tmp_path):
     for name, row in summary.items():
         assert row["seconds_per_step"] > 0 and row["decoded_tokens_per_step"] > 0, name
         assert row["seconds_generate"] > 0 and row["seconds_train"] > 0, name
+
+
+def test_learning_pairs_each_criterion_with_random_branch_points_by_seed():
+    """The criteria table: Δ against `appo_pergen_random` of the same M, lr and seed, final and over the last 3
+    evaluations; GRPO and unpaired seeds are left out."""
+    learning = _learning_module()
+
+    def run(variant, seed, ys):
+        return {"variant": variant, "seed": seed, "label": f"{variant}__m4__lr5e-05",
+                "curve": [{"pass@1": y} for y in ys]}
+
+    by = {"appo_pergen_oracle__m4__lr5e-05": [run("appo_pergen_oracle", 1, [0.5, 0.6, 0.7, 0.8]),
+                                              run("appo_pergen_oracle", 0, [0.5, 0.5, 0.5, 0.6]),
+                                              run("appo_pergen_oracle", 2, [0.5, 0.5, 0.5, 0.5])],
+          "appo_pergen_random__m4__lr5e-05": [run("appo_pergen_random", 0, [0.5, 0.4, 0.5, 0.5]),
+                                              run("appo_pergen_random", 1, [0.5, 0.6, 0.6, 0.6])],
+          "grpo__m4__lr5e-05": [run("grpo", 0, [0.5, 0.9, 0.9, 0.9])]}
+    out = learning.paired_vs(by, "appo_pergen_random")
+    assert list(out) == ["appo_pergen_oracle__m4__lr5e-05"]
+    d = out["appo_pergen_oracle__m4__lr5e-05"]
+    assert d["seeds"] == [0, 1] and d["against"] == "appo_pergen_random__m4__lr5e-05"
+    assert [round(x, 6) for x in d["diff_final_per_seed"]] == [0.1, 0.2]
+    # last 3: seed 0 (0.5+0.5+0.6)/3 - (0.4+0.5+0.5)/3 = 0.2/3; seed 1 (0.6+0.7+0.8)/3 - 0.6 = 0.1
+    assert [round(x, 6) for x in d["diff_last3_per_seed"]] == [round(0.2 / 3, 6), 0.1]
+    assert math.isclose(d["diff_final"][0], 0.15)

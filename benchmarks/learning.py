@@ -583,8 +583,15 @@ def logged_tool_calls(history, args) -> float:
     return float(sum(e[key] * roots for e in history if isinstance(e.get(key), (int, float))))
 
 
+# TRL's own step metrics kept beside APPO's: `frac_reward_zero_std` is the share of prompt groups whose rewards all
+# agree (no GRPO signal), for GRPO the M rollouts, for APPO the roots (APPO's own before/after-branching figures are
+# `appo/groups_all_equal_before|after`), so the two methods' informative groups can be compared.
+TRL_METRICS = ("frac_reward_zero_std", "reward_std", "entropy")
+
+
 def _metric_means(history) -> dict[str, float]:
-    keys = sorted({k for e in history for k in e if k.startswith("appo/") and isinstance(e[k], (int, float))})
+    keys = sorted({k for e in history for k in e
+                   if (k.startswith("appo/") or k in TRL_METRICS) and isinstance(e[k], (int, float))})
     out = {}
     for k in keys:
         vals = [float(e[k]) for e in history if isinstance(e.get(k), (int, float)) and math.isfinite(e[k])]

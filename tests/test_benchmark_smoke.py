@@ -172,6 +172,10 @@ learning.main(["--quick", "--regime", "oracle", "--variants", "appo_pergen_oracl
     runs = {r["variant"]: r for r in json.loads((tmp_path / "r4" / "learning_deep_quick.json").read_text())["runs"]}
     assert runs["appo_tokens"]["appo_metrics"]["appo/leaves_per_prompt"] == 6  # N = 2 roots + N·B = 4 branches
     assert runs["appo_tokens"]["curve"][0] == runs["grpo"]["curve"][0]  # one cached step-0 evaluation
+    # TRL's share of groups with no signal is kept for both methods (GRPO: M rollouts; APPO: roots, beside
+    # APPO's before/after-branching figures)
+    assert 0.0 <= runs["grpo"]["appo_metrics"]["frac_reward_zero_std"] <= 1.0
+    assert 0.0 <= runs["appo_tokens"]["appo_metrics"]["appo/groups_all_equal_after"] <= 1.0
     assert runs["appo_tokens"]["curve"][-1]["decoded_tokens"] > 0
     assert len(list((tmp_path / "cache").glob("eval0_*.json"))) >= 1
     crit = {r["variant"]: r for r in json.loads((tmp_path / "ro" / "learning_oracle_quick.json").read_text())["runs"]}

@@ -742,6 +742,9 @@ def aggregate(runs_dir: Path, warm_key: str | None = None) -> dict[str, Any]:
             "decoded_tokens_per_step": _mean_std([r["decoded_tokens_per_step"] for r in rs]),
             "tool_calls_per_step": _mean_std([r.get("tool_calls_per_step", math.nan) for r in rs]),
             "failure_modes_final": modes,
+            # the mean learning curve, over the seeds that reached each evaluation
+            "pass1_by_step": {str(st): statistics.fmean(c["pass@1"] for r in rs for c in r["curve"] if c["step"] == st)
+                              for st in sorted({c["step"] for r in rs for c in r["curve"]})},
         }
     return {"variants": table, "best_lr": best_lr(table), "runs": runs, "vs_random": paired_vs(by, RANDOM_TWIN)}
 
@@ -859,6 +862,14 @@ def markdown(agg: dict[str, Any], extended: bool = False) -> str:
             per = [", ".join(f"{x * 100:+.1f}" for x in d[k]) for k in ("diff_final_per_seed", "diff_last3_per_seed")]
             lines.append(f"| `{label}` | {len(d['seeds'])} | {_fmt(d['diff_final'], spec='+.1f')} ({per[0]}) "
                          f"| {_fmt(d['diff_last3'], spec='+.1f')} ({per[1]}) |")
+    if extended:
+        steps = sorted({int(st) for v in order for st in t[v]["pass1_by_step"]})
+        lines += ["", "Held-out Pass@1 (%) at each evaluation, mean over seeds:", "",
+                  "| run | " + " | ".join(f"step {st}" for st in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+        for v in order:
+            by_step = t[v]["pass1_by_step"]
+            lines.append(f"| `{v}` | " + " | ".join(f"{by_step[str(st)] * 100:.1f}" if str(st) in by_step else ""
+                                                    for st in steps) + " |")
     cols = sorted({c for v in order for c in t[v]["failure_modes_final"]} - {"correct"})
     cols = ["correct"] + ([c for c in ("format", "no_tool", "tool_error", "wrong_program", "miscopy", "other")]
                           if not extended else cols)

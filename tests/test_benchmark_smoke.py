@@ -7,6 +7,7 @@ Not a pass/fail benchmark: only the structure is checked (keys, one entry per cr
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +162,9 @@ learning.main(["--quick", "--regime", "oracle", "--variants", "appo_pergen_oracl
         agg = json.loads((tmp_path / f"learning_{regime}_quick.json").read_text())
         assert set(agg["variants"]) == {"grpo__m2__lr0.0001", "grpo_2xm__m2__lr0.0001"}
         assert agg["variants"]["grpo_2xm__m2__lr0.0001"]["M"] == 4  # twice the budget
+        by_step = agg["variants"]["grpo__m2__lr0.0001"]["pass1_by_step"]  # the mean curve, per evaluation
+        assert list(by_step) == ["0", "2"] and math.isclose(
+            by_step["2"], statistics.fmean(r["curve"][-1]["pass@1"] for r in agg["runs"] if r["variant"] == "grpo"))
         for run in agg["runs"]:
             assert run["regime"] == regime and [c["step"] for c in run["curve"]] == [0, 2]
             for c in run["curve"]:

@@ -766,13 +766,14 @@ def paired_vs(by: dict[str, list[dict]], base_variant: str) -> dict[str, Any]:
         v = rs[0]["variant"]
         if not v.startswith("appo_pergen_") or v == base_variant:
             continue
-        base = {r["seed"]: r for r in by.get(label.replace(v, base_variant, 1), [])}
+        against = label.replace(v, base_variant, 1)  # the same M and learning rate
+        base = {r["seed"]: r for r in by.get(against, [])}
         pairs = [(r, base[r["seed"]]) for r in sorted(rs, key=lambda r: r["seed"]) if r["seed"] in base]
         if not pairs:
             continue
         final = [r["curve"][-1]["pass@1"] - b["curve"][-1]["pass@1"] for r, b in pairs]
         last3 = [_last_evals_mean(r) - _last_evals_mean(b) for r, b in pairs]
-        out[label] = {"against": label.replace(v, base_variant, 1), "seeds": [r["seed"] for r, _ in pairs],
+        out[label] = {"against": against, "seeds": [r["seed"] for r, _ in pairs],
                       "diff_final": _mean_std(final), "diff_final_per_seed": final,
                       "diff_last3": _mean_std(last3), "diff_last3_per_seed": last3}
     return out

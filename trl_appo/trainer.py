@@ -767,13 +767,13 @@ class APPOTrainer(GRPOTrainer):
 
 
     def _whitespace_table(self, device) -> torch.Tensor:
-        """(V,) bool: token decodes to whitespace only (never a branch point, spec §1)."""
+        """(V,) bool: token decodes to whitespace only (never a branch point, docs/algorithm.md §1)."""
         if self._appo_whitespace is None:
             vocab = self.accelerator.unwrap_model(self.model).config.get_text_config().vocab_size
             self._appo_whitespace = whitespace_token_table(self._tokenizer, vocab)
         return self._appo_whitespace.to(device)
 
-    # ------------------------------------------------------------------ loss (spec §4)
+    # ------------------------------------------------------------------ loss (docs/algorithm.md §4)
     def _compute_loss(self, model, inputs):
         loss = self._future_aware_loss(model, inputs)
         scale = inputs.get("appo_loss_scale")  # a sub-batch's share of its micro-batch (`training_step`)

@@ -67,8 +67,8 @@ def _criterion_bs(scores, entropy_key, candidates, generator):
     if scores is None:
         raise ValueError("criterion 'bs' needs `scores` (the BranchingScore of the roots).")
     bs = scores.scores
-    # Degenerate rows (z_Ω ≡ 0) have no strict candidate (spec §1: strict needs z_Ω > 0): the whole row is the
-    # entropy fallback, so `fallback`/`strict` report how often Ω actually informed a pick.
+    # Degenerate rows (z_Ω ≡ 0) have no strict candidate (docs/algorithm.md §1: strict needs z_Ω > 0): the whole row
+    # is the entropy fallback, so `fallback`/`strict` report how often Ω actually informed a pick.
     strict = (scores.z_entropy > 0) & (scores.z_omega > 0) & ~scores.degenerate[:, None]
     tier = torch.where(strict, 0, torch.where((bs > 0) & ~scores.degenerate[:, None], 1, 2))
     primary = torch.where(tier < 2, bs, entropy_key)

@@ -118,6 +118,9 @@ VARIANTS["appo_tokens_pergen"] = {"rollout_budget": "tokens", "branch_schedule":
 # transcript (trl_appo.tasks.chain_oracle_criterion; correct roots branch at random).
 for _criterion in ("entropy", "surprisal", "random", "oracle"):
     VARIANTS[f"appo_pergen_{_criterion}"] = {**VARIANTS["appo_tokens_pergen"], "branch_criterion": _criterion}
+# The `hard` regime's question (issue 15, item 3): the per-generation tree with its branches spent where the roots'
+# rewards all agree or failed (`branch_allocation="need"`), against the same tree with B per root.
+VARIANTS["appo_pergen_need"] = {**VARIANTS["appo_tokens_pergen"], "branch_allocation": "need"}
 # The picture shows these (when run); every variant is in the table and the JSON.
 PLOT_VARIANTS = ("grpo", "appo_paper_n4b1", "suffix_dual_n4b1", "suffix_joint_resample_n4b1", "grpo_lr2x",
                  "appo_paper_lr2x_n4b1", "suffix_joint_resample_lr2x_n4b1")

@@ -11,7 +11,9 @@ Variants (M = `--num-generations`, the budget):
 * `grpo`: GRPO (`branch_criterion="none"`) at M rollouts per prompt;
 * `appo_swap`: a pure class swap, the library defaults (equal M, fewer decoded tokens);
 * `appo_tokens_update` / `appo_tokens_generation`: `rollout_budget="tokens"` (M full rollouts' worth of decoded
-  tokens per prompt, spent on roots and branches), branching once per optimizer step or once per generation batch.
+  tokens per prompt, spent on roots and branches), branching once per optimizer step or once per generation batch;
+* `appo_tokens_online`: the same budget, each branch forked right after a random tool result of its root while the
+  roots are generated (`branch_schedule="online"`: one series of generate calls, no scoring forward).
 
 Run: `python benchmarks/bench_speed.py [--regime deep] [--steps 8] [--repeats 3]` (`--quick`: a smoke run)
 (writes `benchmarks/results/bench_speed_<regime>.json`).
@@ -36,6 +38,7 @@ VARIANTS = {
     "appo_swap": {},
     "appo_tokens_update": {"rollout_budget": "tokens", "branch_schedule": "per_update"},
     "appo_tokens_generation": {"rollout_budget": "tokens", "branch_schedule": "per_generation"},
+    "appo_tokens_online": {"rollout_budget": "tokens", "branch_schedule": "online", "branch_criterion": "random"},
 }
 PARTS = ("seconds_generate", "seconds_score", "seconds_reward", "seconds_train")
 

@@ -121,6 +121,10 @@ for _criterion in ("entropy", "surprisal", "random", "oracle"):
 # The `hard` regime's question (issue 15, item 3): the per-generation tree with its branches spent where the roots'
 # rewards all agree or failed (`branch_allocation="need"`), against the same tree with B per root.
 VARIANTS["appo_pergen_need"] = {**VARIANTS["appo_tokens_pergen"], "branch_allocation": "need"}
+# Online branching (issue 15, item 5): the same token-budget tree, each branch forked right after a random tool
+# result of its root while the roots are generated, so roots and branches share the generate calls (no second series
+# of calls, no scoring forward).
+VARIANTS["appo_online"] = {"rollout_budget": "tokens", "branch_schedule": "online", "branch_criterion": "random"}
 # The picture shows these (when run); every variant is in the table and the JSON.
 PLOT_VARIANTS = ("grpo", "appo_paper_n4b1", "suffix_dual_n4b1", "suffix_joint_resample_n4b1", "grpo_lr2x",
                  "appo_paper_lr2x_n4b1", "suffix_joint_resample_lr2x_n4b1")

@@ -213,3 +213,19 @@ def test_max_tool_calls_and_trl_iterations_are_one_budget():
     assert make(max_tool_calls=2).max_tool_calling_iterations == 2
     with pytest.raises(ValueError, match="one budget"):
         make(max_tool_calls=2, max_tool_calling_iterations=3)
+
+
+def test_online_schedule_needs_random_points_uniform_allocation_and_a_tool_call_limit():
+    ok = make(num_generations=8, per_device_train_batch_size=8, num_branches=1, branch_schedule="online",
+              branch_criterion="random", max_tool_calls=4)
+    assert ok.branch_schedule == "online" and ok.branching
+    with pytest.raises(ValueError, match="before any score exists.*set branch_criterion='random'"):
+        make(num_generations=8, per_device_train_batch_size=8, branch_schedule="online", max_tool_calls=4)
+    with pytest.raises(ValueError, match="branch_allocation='need' cannot place branches"):
+        make(num_generations=8, per_device_train_batch_size=8, branch_schedule="online", branch_criterion="random",
+             branch_allocation="need", max_tool_calls=4)
+    with pytest.raises(ValueError, match="set max_tool_calls"):
+        make(num_generations=8, per_device_train_batch_size=8, branch_schedule="online", branch_criterion="random")
+    # GRPO (no branching) ignores the schedule, as it does the others
+    assert not make(num_generations=8, per_device_train_batch_size=8, branch_schedule="online",
+                    branch_criterion="none").branching

@@ -510,3 +510,59 @@ def test_tool_decorator_async_and_timeouts():
     assert [r.failed for r in results] == [False, True, False]
     with pytest.raises(ValueError, match="duplicate"):
         ToolRegistry([shout, shout])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Online branches (`run_tree`, branch_schedule="online"): forks after tool results, in the roots' generate calls
+
+
+def _result_ends(mask):
+    """Completion length right after each tool-result run of a mask."""
+    return [end for start, end, is_model in model_runs(mask) if not is_model]
+
+
+def test_run_tree_forks_after_tool_results_in_the_roots_generate_calls(tok):
+    engine, gen, prompt_ids = tag_engine(tok, TAG_TURNS)
+    roots, forks = engine.run_tree([prompt_ids, prompt_ids], [[2, 1], [2]])
+    ids, mask = expected_tag(tok)
+    assert [r.completion_ids for r in roots] == [ids, ids] and all(r.prefix_length == 0 for r in roots)
+    first, second = _result_ends(mask)
+    # ordered by root, then by tool-result count; each shares exactly the root's tokens up to that result
+    assert [(f.root, f.shared) for f in forks] == [(0, first), (0, second), (1, second)]
+    for f in forks:
+        b = f.rollout
+        assert b.prefix_length == f.shared and b.completion_ids[: f.shared] == ids[: f.shared]
+        assert b.completion_ids == ids and b.model_mask == mask  # the scripted model continues as the root did
+        assert b.tool_stats.calls == (1 if f.shared == first else 0)  # only the calls after the fork ran
+        assert b.executed_tool_calls == {"python": 1, "search": 1}  # the prefix's call counts for the rewards
+    # no extra generate call: 3 turns, as the roots alone; forks joined the turn after their result
+    assert len(gen.calls) == 3
+    assert [len(c) for c in gen.calls] == [2, 3, 5]
+
+
+def test_run_tree_fork_past_the_roots_last_result_or_without_results(tok):
+    engine, gen, prompt_ids = tag_engine(tok, TAG_TURNS)
+    roots, (fork,) = engine.run_tree([prompt_ids], [[3]])  # the root makes 2 calls: the fork waits for its end
+    ids, mask = expected_tag(tok)
+    assert fork.shared == _result_ends(mask)[-1] and fork.rollout.completion_ids == ids
+    assert len(gen.calls) == 4  # the late fork generates its last turn after the root ended
+
+    engine, gen, prompt_ids = tag_engine(tok, ["<answer>\\boxed{1}</answer><|im_end|>"])
+    (root,), (fork,) = engine.run_tree([prompt_ids], [[1]])  # no tool result at all: from the prompt
+    assert fork.shared == 0 and fork.rollout.prefix_length == 0
+    assert fork.rollout.completion_ids == root.completion_ids
+
+
+def test_run_tree_fork_without_room_starts_from_the_prompt_and_bad_plans_are_refused(tok):
+    engine, gen, prompt_ids = tag_engine(tok, TAG_TURNS)
+    ids, mask = expected_tag(tok)
+    first = _result_ends(mask)[0]
+    room_after_first = engine.max_completion_length - first
+    _, (fork,) = engine.run_tree([prompt_ids], [[1]], min_room=room_after_first + 1)
+    assert fork.shared == 0 and fork.rollout.completion_ids == ids
+    _, (fork,) = engine.run_tree([prompt_ids], [[1]], min_room=room_after_first)
+    assert fork.shared == first
+    with pytest.raises(ValueError, match="must be >= 1"):
+        engine.run_tree([prompt_ids], [[0]])
+    with pytest.raises(ValueError, match="one entry per prompt"):
+        engine.run_tree([prompt_ids], [[1], [1]])

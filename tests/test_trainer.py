@@ -8,6 +8,7 @@ from datasets import Dataset
 
 from trl_appo import core
 from trl_appo.config import APPOConfig
+from trl_appo.rollout import model_runs
 from trl_appo.testing import conversational_prompts, encode
 
 QUESTIONS = ["What is 12 + 30?", "Name a river.", "What is 7 * 6?", "Say hi."]
@@ -489,3 +490,49 @@ def test_need_allocation_trains_with_the_uniform_number_of_branch_rows(tiny_mode
         assert out.branch_rows["completion_ids"].shape[0] == 6  # one prompt per generation batch: R·B rows
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert all(0.0 <= e["appo/groups_all_equal_after"] <= e["appo/groups_all_equal_before"] <= 1.0 for e in logs)
+
+
+def test_online_branches_fork_after_the_tool_result_in_the_roots_generate_calls(tiny_model, tiny_tokenizer, tmp_path,
+                                                                               monkeypatch):
+    from trl_appo import branching
+    from trl_appo.tools import PythonTool
+
+    args = make_args(tmp_path, tool_protocol="tags", max_completion_length=64, min_branch_tokens=2,
+                     branch_schedule="online", branch_criterion="random", num_branches=1, max_tool_calls=1,
+                     branch_loss="suffix")
+    trainer = make_trainer(tiny_model, tiny_tokenizer, args, tools=[PythonTool(timeout=10)])
+    scripted = _scripted_tag_generation(tiny_tokenizer)
+    rows_per_call = []
+
+    def generate(contexts, *a, **kw):
+        rows_per_call.append(len(contexts))
+        return scripted(contexts, *a, **kw)
+
+    trainer._generate_single_turn = generate
+    runs, trees = Recorder(trainer._appo_engine, "run"), Recorder(trainer._appo_engine, "run_tree")
+    points = Recorder(branching, "online_points")
+    monkeypatch.setattr(branching, "online_points", points)
+    steps = Recorder(trainer, "_appo_step")
+    trainer.train()
+    assert not runs.calls and len(trees.calls) == 1  # no second series of generate calls for the branches
+    assert rows_per_call == [4, 8]  # turn 1: the 4 roots; turn 2: the roots' answers and the 4 forks
+    roots, forks = trees.calls[0][2]
+    result_end = [end for start, end, is_model in model_runs(roots[0].model_mask) if not is_model][0]
+    assert [f.shared for f in forks] == [result_end] * 4  # max_tool_calls=1: after the (only) first result
+    assert all(f.rollout.completion_ids[:result_end] == roots[f.root].completion_ids[:result_end] for f in forks)
+    pts, _ = points.calls[0][2]
+    assert pts.fallback.tolist() == [core.FALLBACK_TOOL_RESULT] * 4
+    assert pts.position.tolist() == [result_end] * 4  # resample: the first token after the result is re-decided
+    out = steps.calls[0][2]
+    assert out.branch_rows["completion_ids"].shape[0] == 4
+    assert (out.branch_rows["tool_mask"][:, :result_end] == 0).all()  # the copied prefix is not trained
+    spent = next(e for e in trainer.state.log_history if "loss" in e)
+    assert spent["appo/budget/tool_calls_branches"] == 0  # the forks' prefix calls were the roots'
+    assert spent["appo/budget/decoded_tokens_branches"] == sum(
+        sum(f.rollout.model_mask[f.shared:]) for f in forks) > 0
+
+
+def test_online_schedule_needs_tools(tiny_model, tiny_tokenizer, tmp_path):
+    args = make_args(tmp_path, branch_schedule="online", branch_criterion="random", max_tool_calls=2)
+    with pytest.raises(ValueError, match="no tools: pass tools="):
+        make_trainer(tiny_model, tiny_tokenizer, args)

@@ -10,6 +10,9 @@ nothing but its return value, and returns everything it produced (`StepOutput`).
 2. **Score** (paper §3.1, Branching Score): one no-grad forward of the current policy gives full-vocabulary
    entropies and log-probs; Ω against the behaviour policy (or the reference); `core.branching_score`.
 3. **Points**: `core.branch_candidates` + `core.select_branch_points` (the criterion and allocation rules).
+   Under `branch_schedule="online"` (docs/algorithm.md §9) the branches were forked at tool results while the roots
+   were generated (`RolloutEngine.run_tree`, the batch's `appo_forks` column): steps 2-4 only read them back
+   (`online_points`), with no forward and no generate call.
 4. **Branch** (paper §3.2): each prefix continues through the training rollout engine (same tools, stop rules,
    budget). `branch_point_token="keep"` keeps the chosen token s and resamples from s+1 (public release);
    `"resample"` keeps 0..s−1 and re-decides s itself. The shared prefix ends at `shared_end` (s or s−1).
@@ -235,6 +238,27 @@ def prefixes_at(view: RootView, points: core.BranchPoints, keep_token: bool):
     return prompts, prefixes
 
 
+def online_points(view: RootView, forks: list, num_branches: int, keep_token: bool):
+    """(BranchPoints, rollouts) of the branches forked at tool results while the roots were generated
+    (`branch_schedule="online"`): `forks[r]` lists root r's `rollout.Fork`s in the batch's row order. A fork that
+    shares k completion tokens has shared end k − 1, so its point is k (resample) or k − 1 (keep); one that shares
+    nothing, or whose root has no token after the fork, gets −1 (no prefix credit, as a point with no candidate)."""
+    roots, positions, branches = [], [], []
+    for v, r in enumerate(view.order.tolist()):
+        if len(forks[v]) != num_branches:
+            raise RuntimeError(f"root {r} has {len(forks[v])} online branches, expected B={num_branches}")
+        for fork in forks[v]:
+            k = fork.shared
+            point = -1 if k == 0 or k >= int(view.lengths[v]) else (k if not keep_token else k - 1)
+            roots.append(v)
+            positions.append(point)
+            branches.append(fork.rollout)
+    root = torch.tensor(roots, dtype=torch.long)
+    position = torch.tensor(positions, dtype=torch.long)
+    fallback = torch.where(position >= 0, core.FALLBACK_TOOL_RESULT, 5)
+    return core.BranchPoints(root, position, fallback == 0, fallback, torch.zeros(len(roots))), branches
+
+
 @torch.no_grad()
 def branch_and_credit(batch: dict[str, Any], port: StepPort, settings: StepSettings, *, for_loss: bool = True,
                       want_records: bool = False) -> StepOutput:
@@ -250,38 +274,48 @@ def branch_and_credit(batch: dict[str, Any], port: StepPort, settings: StepSetti
     input_ids = torch.cat([rows["prompt_ids"], rows["completion_ids"]], dim=1)  # (R, prompt + C)
     attention_mask = torch.cat([rows["prompt_mask"], rows["completion_mask"]], dim=1)
     C = rows["completion_ids"].size(1)
-    logp_current, entropy = port.policy_logps(input_ids, attention_mask, C, compute_entropy=True)  # (R, C) each
-    logp_reference = (port.omega_reference_logps(rows, input_ids, attention_mask, C, logp_current)
-                      if settings.uses_omega else logp_current)
+    online = settings.schedule == "online"
+    if online:  # the branches exist already, placed at random tool results: nothing to score
+        logp_current = entropy = logp_reference = torch.zeros(model_mask.shape, device=model_mask.device)
+    else:
+        logp_current, entropy = port.policy_logps(input_ids, attention_mask, C, compute_entropy=True)  # (R, C) each
+        logp_reference = (port.omega_reference_logps(rows, input_ids, attention_mask, C, logp_current)
+                          if settings.uses_omega else logp_current)
     mask_f = model_mask.float()
     bs = core.branching_score(entropy.float() * mask_f, logp_current.float() * mask_f,
                               logp_reference.float() * mask_f, mask_f, gamma=settings.gamma,
                               omega_clip=settings.omega_clip)
 
     # 3. Branch points.
-    candidates = core.branch_candidates(
-        model_mask.bool(), view.lengths, settings.max_completion_length, settings.min_branch_tokens,
-        whitespace_mask=port.whitespace_table()[rows["completion_ids"]] & rows["completion_mask"].bool(),
-    )
     by_need = core.get_allocation(settings.allocation).needs_rewards  # per-root counts from the roots' rewards
-    root_scalar = (rows["appo_root_rewards"].float().cpu() * port.reward_weights.cpu()).nansum(dim=1)  # (R,)
-    pts = core.select_branch_points(
-        bs, candidates, B, criterion=settings.criterion, pooled=settings.selection == "pooled", group_size=N,
-        min_distance=settings.min_distance, generator=port.generator, entropy=entropy,
-        allocation=settings.allocation, rewards=root_scalar if by_need else None,
-        context=core.BranchContext(logp_current * model_mask, view.completion_ids, view.completion_model_mask,
-                                   rows["appo_inputs"], port.tokenizer, settings.keep_token)
-        if settings.uses_context else None,
-    )  # (P,) each
+    if online:
+        pts, forked = online_points(view, rows["appo_forks"], B, settings.keep_token)
+    else:
+        candidates = core.branch_candidates(
+            model_mask.bool(), view.lengths, settings.max_completion_length, settings.min_branch_tokens,
+            whitespace_mask=port.whitespace_table()[rows["completion_ids"]] & rows["completion_mask"].bool(),
+        )
+        root_scalar = (rows["appo_root_rewards"].float().cpu() * port.reward_weights.cpu()).nansum(dim=1)  # (R,)
+        pts = core.select_branch_points(
+            bs, candidates, B, criterion=settings.criterion, pooled=settings.selection == "pooled", group_size=N,
+            min_distance=settings.min_distance, generator=port.generator, entropy=entropy,
+            allocation=settings.allocation, rewards=root_scalar if by_need else None,
+            context=core.BranchContext(logp_current * model_mask, view.completion_ids, view.completion_model_mask,
+                                       rows["appo_inputs"], port.tokenizer, settings.keep_token)
+            if settings.uses_context else None,
+        )  # (P,) each
     ends = shared_end(pts.position, settings.keep_token)
     t_score = time.perf_counter()
 
     # 4. Branch through the same engine (paper §3.2). A TRL environment is forked by replaying the prefix's tool
     # calls into a fresh instance (`rollout.environments`); the branches run and are rewarded on those instances.
-    branch_prompt_ids, prefixes = prefixes_at(view, pts, settings.keep_token)
     root_inputs = [rows["appo_inputs"][r] for r in pts.root.tolist()]
     with port.fork_environments(root_inputs) as (sessions, branch_prompts):
-        branches = port.rollout(branch_prompt_ids, prefixes, sessions)
+        if online:
+            branches = forked
+        else:
+            branch_prompt_ids, prefixes = prefixes_at(view, pts, settings.keep_token)
+            branches = port.rollout(branch_prompt_ids, prefixes, sessions)
         t_gen = time.perf_counter()
 
         # 5. Reward the branches on the full trajectory (prefix + continuation); gathered across ranks.

@@ -28,7 +28,7 @@ from trl import GRPOConfig
 
 from . import core
 
-BRANCH_SCHEDULES = ("per_update", "per_generation")
+BRANCH_SCHEDULES = ("per_update", "per_generation", "online")
 BRANCH_SELECTIONS = ("per_root", "pooled")
 OMEGA_REFERENCES = ("behaviour", "reference")
 TOOL_PROTOCOLS = ("tags", "chat")
@@ -139,7 +139,10 @@ class APPOConfig(GRPOConfig):
             "with the current weights, so Ω carries the updates so far; needs steps_per_generation > "
             "gradient_accumulation_steps. 'per_generation' (public release): once, right after the roots. Default: "
             "'per_update' when the batch shape allows it (each prompt's roots in one optimizer step), else "
-            "'per_generation', said once in the log."
+            "'per_generation', said once in the log. 'online' (docs/algorithm.md §9, after Tree-GRPO): each branch "
+            "forks from its root right after a tool result (the k-th, k uniform in 1..max_tool_calls) while the roots "
+            "are generated, so roots and branches share the generate calls and no scoring forward runs; needs "
+            "branch_criterion='random', branch_allocation='uniform', max_tool_calls set and tools."
         },
     )
     omega_reference: str = field(
@@ -521,6 +524,24 @@ class APPOConfig(GRPOConfig):
                     "branching, so Ω is degenerate and the Branching Score falls back to entropy. For a live Ω set "
                     f"steps_per_generation={4 * ga} (a multiple of gradient_accumulation_steps > 1; paper: 6-8 "
                     "optimizer steps per generation batch) or num_iterations > 1."
+                )
+        if self.branching and self.branch_schedule == "online":
+            if self.branch_criterion != "random":
+                raise ValueError(
+                    f"branch_schedule='online' forks branches while the roots are generated, before any score "
+                    f"exists, at tool results chosen at random: set branch_criterion='random' (got "
+                    f"{self.branch_criterion!r}), or use branch_schedule='per_generation' for a scored criterion."
+                )
+            if self.branch_allocation != "uniform":
+                raise ValueError(
+                    f"branch_schedule='online' forks before the roots' rewards exist, so branch_allocation="
+                    f"{self.branch_allocation!r} cannot place branches by them: use branch_allocation='uniform' or "
+                    "branch_schedule='per_generation'."
+                )
+            if not self.max_tool_calls:
+                raise ValueError(
+                    "branch_schedule='online' forks after the root's k-th tool result, k uniform in 1..max_tool_calls: "
+                    "set max_tool_calls (the most tool calls a rollout makes) to a positive number."
                 )
         if self.branching:
             need = self.min_branch_tokens + 2

@@ -77,7 +77,7 @@ def _check_trl_version() -> None:
 class HookHandoff:
     """The one channel between TRL hooks that TRL gives no argument for: a value one hook puts and the next takes.
 
-    Two values travel this way, each put and taken within one call into TRL:
+    Three values travel this way, each put and taken within one call into TRL:
 
     * ``"root_rewards"``: `_calculate_rewards` → `_generate_and_score_completions`. TRL computes the roots'
       (rows, reward functions) rewards inside `super()._generate_and_score_completions` and returns only their
@@ -85,6 +85,8 @@ class HookHandoff:
     * ``"loss_logps"``: `_compute_loss` → `_get_per_token_logps_and_entropies`. The future-aware weight needs the
       loss's own forward; TRL's `_compute_loss` makes that forward itself, so the one we made is handed to it
       instead of a second forward.
+    * ``"online_forks"``: `_appo_rollout` → `_generate_and_score_completions` (``branch_schedule="online"``). The
+      branches forked while TRL's `rollout_func` generated the roots; TRL keeps only the roots' fields.
 
     A `put` replaces an unread value; `take` returns it once (None when there is none).
     """
@@ -292,6 +294,17 @@ class APPOTrainer(GRPOTrainer):
         self.add_callback(_BudgetClock(self))
         self._appo_port = TrainerPort(self)
         self._appo_engine = self._build_engine()
+        if args.branching and args.branch_schedule == "online":
+            if self._appo_env is not None:
+                raise ValueError(
+                    "branch_schedule='online' forks rollouts mid-generation, which environment_factory's instances "
+                    "cannot follow yet: use branch_schedule='per_generation' with environments."
+                )
+            if not len(self._appo_engine.tools):
+                raise ValueError(
+                    "branch_schedule='online' forks each branch after a tool result of its root, and this run has "
+                    "no tools: pass tools=[...] or use branch_schedule='per_generation'."
+                )
         for note in args.appo_notes:  # defaults APPO chose for this config, said once
             logger.warning(note)
         if self._appo_tools:
@@ -427,7 +440,10 @@ class APPOTrainer(GRPOTrainer):
             prompt_ids = self._appo_env.tokenize_prompts(self._appo_engine.protocol, prompts)
             sessions = self._appo_env.root_sessions()
         with self._appo_spending("seconds_generate"):
-            rollouts = self._appo_engine.run(prompt_ids, group_size=group, sessions=sessions)
+            if self._branching and self.args.branch_schedule == "online":
+                rollouts = self._online_tree(prompt_ids, group)
+            else:
+                rollouts = self._appo_engine.run(prompt_ids, group_size=group, sessions=sessions)
         self._log_rollout_metrics(rollouts, mode, prefix="appo/root")
         self._count_spend(rollouts, "roots")
         logprobs = None if any(r.logprobs is None for r in rollouts) else [r.logprobs for r in rollouts]
@@ -438,6 +454,21 @@ class APPOTrainer(GRPOTrainer):
             "env_mask": [r.model_mask for r in rollouts],
             "appo_rollouts": rollouts,  # an extra field: `_generate` takes it back out before TRL sees it
         }
+
+    def _online_tree(self, prompt_ids: list, group: int) -> list:
+        """branch_schedule='online': the roots, with B branches each forked after the root's k-th tool result (k
+        uniform in 1..max_tool_calls) in the same generate calls (`RolloutEngine.run_tree`). The forks wait in the
+        handoff, one list per root row, until `_generate_and_score` adds them to the batch for the step."""
+        args = self.args
+        draws = torch.randint(1, args.max_tool_calls + 1, (len(prompt_ids), args.num_branches),
+                              generator=self._appo_port.generator)
+        roots, forks = self._appo_engine.run_tree(prompt_ids, draws.tolist(), group_size=group,
+                                                  min_room=args.min_branch_tokens)
+        per_root: list[list] = [[] for _ in roots]
+        for fork in forks:
+            per_root[fork.root].append(fork)
+        self._appo_handoff.put("online_forks", per_root)
+        return roots
 
     def _generate(self, prompts: list):
         # TRL parses a rollout_func's completion as a single assistant turn; reward functions must see the engine's
@@ -529,11 +560,14 @@ class APPOTrainer(GRPOTrainer):
         out["appo_root_advantages"] = out["advantages"]
         out["appo_group"] = torch.arange(R, device=out["advantages"].device) // N
         out["appo_inputs"] = [copy.copy(row) for row in root_inputs]
+        if args.branch_schedule == "online":
+            out["appo_forks"] = self._appo_handoff.take("online_forks")
         if self.log_completions:  # TRL just added these roots to its completions table: mark them
             out["appo_log_index"] = self._mark_logged_roots(R)
         self._appo_sampled_at_step = self.state.global_step
-        if args.branch_schedule == "per_generation" or not self.model.training:
+        if args.branch_schedule in ("per_generation", "online") or not self.model.training:
             step = self._appo_step(out, for_loss=self.model.training)
+            out.pop("appo_forks", None)  # the branches' rollouts are the step's now
             out["advantages"] = step.advantages
             if step.branch_rows is not None:
                 # The generation batch now holds all M rollouts per prompt; TRL shuffles and splits it as for GRPO.

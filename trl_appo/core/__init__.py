@@ -67,6 +67,7 @@ from .scan import discounted_suffix_sum
 from .score import BranchingScore, branch_candidates, branching_score
 from .selection import (
     FALLBACK_CODES,
+    FALLBACK_TOOL_RESULT,
     BranchContext,
     BranchPoints,
     groups_all_equal,
@@ -80,6 +81,7 @@ __all__ = [
     "BRANCH_ADVANTAGES",
     "BRANCH_CRITERIA",
     "FALLBACK_CODES",
+    "FALLBACK_TOOL_RESULT",
     "FUTURE_KL_FORMS",
     "MULTI_OBJECTIVE_AGGREGATIONS",
     "NO_BRANCHING",

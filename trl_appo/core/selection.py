@@ -19,7 +19,9 @@ from .score import BranchingScore
 
 #: meaning of ``BranchPoints.fallback`` (a criterion's tier is its code: lower tiers are picked first)
 FALLBACK_CODES = {0: "strict", 1: "bs_fill", 2: "entropy", 3: "random", 4: "duplicate", 5: "no_candidate",
-                  6: "surprisal", 7: "hint", 8: "hint_fill"}
+                  6: "surprisal", 7: "hint", 8: "hint_fill", 9: "tool_result"}
+FALLBACK_TOOL_RESULT = 9
+"""The code of a branch forked online, right after a random tool result of its root (`branch_schedule="online"`)."""
 _NON_CANDIDATE_TIER = 99
 
 
@@ -31,7 +33,8 @@ class BranchPoints(NamedTuple):
               prompt" (no shared prefix, so the branch gives its root no prefix credit).**
     strict:   bool, ``fallback == 0``.
     fallback: long, how the point was chosen (``FALLBACK_CODES``): 0 strict (z_H>0 ∧ z_Ω>0), 1 BS fill, 2 entropy
-              (fill, or the "entropy" criterion), 3 random, 4 duplicate of an earlier point, 5 no candidate.
+              (fill, or the "entropy" criterion), 3 random, 4 duplicate of an earlier point, 5 no candidate,
+              6 surprisal, 7 hint, 8 hint fill, 9 forked online after a tool result.
     score:    float, BS at the point (0 when position is −1 or no scores were given).
     """
 

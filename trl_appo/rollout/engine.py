@@ -29,6 +29,12 @@ Branches (`Prefix`): the prefix's ids, mask and log-probs are copied, its earlie
 primed into stateful tools' sessions), and its trailing run decides the start: a prefix ending mid-turn or
 inside a call keeps generating, one ending at a complete unexecuted call executes it first, one ending at
 end of episode is returned unchanged. Messages of the prefix are rebuilt by splitting at mask boundaries.
+
+Online branches (`run_tree`, docs/algorithm.md §9, `branch_schedule="online"`): a root's branches start while the
+roots are still generating, right after the root's k-th tool result (a fork copies the root there, as a `Prefix`
+would), so they are decoded in the same generate calls as the roots: no second series of calls. A root that ends
+before its k-th result forks at its last result (at the prompt if it had none), and a fork with fewer than
+`min_room` tokens of budget left starts from the prompt.
 """
 
 from __future__ import annotations
@@ -80,6 +86,16 @@ class Rollout:
 
 
 @dataclass
+class Fork:
+    """One online branch (`RolloutEngine.run_tree`): its root's index, how many completion tokens it shares with the
+    root (0: it starts from the prompt) and its rollout (`prefix_length` == `shared`)."""
+
+    root: int
+    shared: int
+    rollout: Rollout
+
+
+@dataclass
 class _Row:
     """Mutable state of one rollout while the loop runs."""
 
@@ -97,6 +113,7 @@ class _Row:
     pending: list[ToolCall] = field(default_factory=list)
     known_tool_messages: dict[int, list[dict]] = field(default_factory=dict)
     finish_reason: FinishReason | None = None
+    boundaries: list[int] = field(default_factory=list)  # completion length right after each appended tool result
 
     @property
     def done(self) -> bool:
@@ -202,10 +219,60 @@ class RolloutEngine:
             self._start_row(list(p), prefixes[i] if prefixes else None, sessions[i] if sessions is not None else None)
             for i, p in enumerate(prompt_ids)
         ]
+        first_turn_group = group_size if not prefixes or all(p is None for p in prefixes) else 1
+        return [self._finish(r) for r in self._loop(rows, first_turn_group)]
+
+    def run_tree(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        fork_after: Sequence[Sequence[int]],
+        group_size: int = 1,
+        min_room: int = 1,
+    ) -> tuple[list[Rollout], list[Fork]]:
+        """Roots, and their online branches decoded in the same generate calls (see the module docstring).
+
+        `fork_after[i]`: for each branch of root i, the number k >= 1 of the root's tool results after which it
+        starts. Returns the roots (one per prompt, as `run` does) and the forks, ordered by root and then as listed.
+        """
+        if len(fork_after) != len(prompt_ids):
+            raise ValueError("fork_after must have one entry per prompt")
+        if any(k < 1 for ks in fork_after for k in ks):
+            raise ValueError("fork_after counts tool results: every entry must be >= 1")
+        roots = [self._start_row(list(p), None) for p in prompt_ids]
+        plans = {i: sorted(ks) for i, ks in enumerate(fork_after) if ks}
+        made: dict[int, list[tuple[int, _Row]]] = {i: [] for i in plans}
+
+        def fork(rows: list[_Row]) -> None:
+            for i in list(plans):
+                root = roots[i]
+                results = len(root.boundaries)
+                while plans[i] and (plans[i][0] <= results or root.done):
+                    k = plans[i].pop(0)
+                    end = root.boundaries[min(k, results) - 1] if results else 0
+                    if root.budget - end < min_room:
+                        end = 0
+                    prefix = Prefix(root.completion_ids[:end], root.model_mask[:end],
+                                    None if root.logprobs is None else root.logprobs[:end])
+                    row = self._start_row(root.prompt_ids, prefix if end else None)
+                    made[i].append((end, row))
+                    rows.append(row)
+                if not plans[i]:
+                    del plans[i]
+
+        rows = list(roots)
+        self._loop(rows, group_size, on_turn=fork)
+        forks = [Fork(i, end, self._finish(row)) for i in sorted(made) for end, row in made[i]]
+        return [self._finish(r) for r in roots], forks
+
+    def _loop(self, rows: list[_Row], first_turn_group: int,
+              on_turn: Callable[[list[_Row]], None] | None = None) -> list[_Row]:
+        """Turns until every row is done: tools, then one generate call. `on_turn(rows)` may append rows (forks)
+        after each turn's tool results are in."""
         try:
-            first_turn_group = group_size if not prefixes or all(p is None for p in prefixes) else 1
             for turn in itertools.count():
                 self._execute_pending([r for r in rows if not r.done and r.pending])
+                if on_turn is not None:
+                    on_turn(rows)
                 active = [r for r in rows if not r.done]
                 if self.should_continue is not None:
                     if not self.should_continue(bool(active)):
@@ -215,7 +282,7 @@ class RolloutEngine:
                 elif not active:
                     break
                 self._generate(active, first_turn_group if turn == 0 else 1)
-            return [self._finish(r) for r in rows]
+            return rows
         finally:
             for r in rows:
                 self.tools.close_session(r.session)
@@ -340,6 +407,7 @@ class RolloutEngine:
                 continue
             row.known_tool_messages[len(row.completion_ids)] = tool_messages
             row.append(suffix, 0)
+            row.boundaries.append(len(row.completion_ids))
             if row.room <= 0:
                 row.finish_reason = row.budget_reason
 

@@ -210,13 +210,14 @@ def test_bench_speed_quick_reports_every_variant_against_grpo(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(out.read_text())["summary"]
-    assert set(summary) == {"grpo", "appo_swap", "appo_tokens_update", "appo_tokens_generation"}
+    assert set(summary) == {"grpo", "appo_swap", "appo_tokens_update", "appo_tokens_generation", "appo_tokens_online"}
     assert summary["grpo"]["ratio_to_grpo"] == 1.0 and summary["grpo"]["leaves_per_prompt"] == 8
     assert summary["appo_swap"]["leaves_per_prompt"] == 8  # equal M: N roots + N·B branches = M
-    for name in ("appo_tokens_update", "appo_tokens_generation"):
+    for name in ("appo_tokens_update", "appo_tokens_generation", "appo_tokens_online"):
         assert summary[name]["leaves_per_prompt"] == 12, name  # M = 8 tokens' worth: 4 roots + 8 branches
     assert summary["appo_tokens_generation"]["shape"]["branch_schedule"] == "per_generation"
     assert summary["appo_tokens_update"]["shape"]["branch_schedule"] == "per_update"
+    assert summary["appo_tokens_online"]["shape"]["branch_schedule"] == "online"
     for name, row in summary.items():
         assert row["seconds_per_step"] > 0 and row["decoded_tokens_per_step"] > 0, name
         assert row["seconds_generate"] > 0 and row["seconds_train"] > 0, name

@@ -53,7 +53,9 @@ def run(variant: str, s, state, tok, data, seed: int, steps: int) -> dict:
     leaves = [h["appo/leaves_per_prompt"] for h in trainer.state.log_history if "appo/leaves_per_prompt" in h]
     return {"variant": variant, "seconds_per_step": sum(times) / steps, "step_seconds": times,
             "decoded_tokens_per_step": learning.decoded_tokens(trainer.state.log_history) / steps,
-            "tool_calls_per_step": learning.logged_tool_calls(trainer.state.log_history, args) / steps,
+            # the roots' and the branches' calls (trl_appo.budget)
+            "tool_calls_per_step": sum(h.get(f"appo/budget/tool_calls_{kind}", 0) for h in hist
+                                       for kind in ("roots", "branches")) / steps,
             "leaves_per_prompt": statistics.fmean(leaves) if leaves else float(M),
             "shape": {"num_roots": args.num_roots, "num_branches": args.num_branches,
                       "branch_schedule": args.branch_schedule},

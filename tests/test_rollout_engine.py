@@ -535,6 +535,7 @@ def test_run_tree_forks_after_tool_results_in_the_roots_generate_calls(tok):
         assert b.completion_ids == ids and b.model_mask == mask  # the scripted model continues as the root did
         assert b.tool_stats.calls == (1 if f.shared == first else 0)  # only the calls after the fork ran
         assert b.executed_tool_calls == {"python": 1, "search": 1}  # the prefix's call counts for the rewards
+        assert not f.late
     # no extra generate call: 3 turns, as the roots alone; forks joined the turn after their result
     assert len(gen.calls) == 3
     assert [len(c) for c in gen.calls] == [2, 3, 5]
@@ -544,7 +545,7 @@ def test_run_tree_fork_past_the_roots_last_result_or_without_results(tok):
     engine, gen, prompt_ids = tag_engine(tok, TAG_TURNS)
     roots, (fork,) = engine.run_tree([prompt_ids], [[3]])  # the root makes 2 calls: the fork waits for its end
     ids, mask = expected_tag(tok)
-    assert fork.shared == _result_ends(mask)[-1] and fork.rollout.completion_ids == ids
+    assert fork.shared == _result_ends(mask)[-1] and fork.rollout.completion_ids == ids and fork.late
     assert len(gen.calls) == 4  # the late fork generates its last turn after the root ended
 
     engine, gen, prompt_ids = tag_engine(tok, ["<answer>\\boxed{1}</answer><|im_end|>"])

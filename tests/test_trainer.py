@@ -528,6 +528,7 @@ def test_online_branches_fork_after_the_tool_result_in_the_roots_generate_calls(
     assert (out.branch_rows["tool_mask"][:, :result_end] == 0).all()  # the copied prefix is not trained
     spent = next(e for e in trainer.state.log_history if "loss" in e)
     assert spent["appo/budget/tool_calls_branches"] == 0  # the forks' prefix calls were the roots'
+    assert spent["appo/branch_late_frac"] == 0.0  # every root made its first call: no fork waited for a root's end
     assert spent["appo/budget/decoded_tokens_branches"] == sum(
         sum(f.rollout.model_mask[f.shared:]) for f in forks) > 0
 

@@ -468,6 +468,12 @@ class APPOTrainer(GRPOTrainer):
         for fork in forks:
             per_root[fork.root].append(fork)
         self._appo_handoff.put("online_forks", per_root)
+        # Forks whose root ended before their k-th result start at its last one, in generate calls of their own:
+        # a high share means max_tool_calls is well above the calls rollouts make (all ranks).
+        late = torch.tensor([[float(sum(f.late for f in forks)), float(len(forks))]], device=self.accelerator.device)
+        late, total = self.accelerator.gather(late).sum(dim=0).tolist()
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["appo/branch_late_frac"].append(late / total if total else 0.0)
         return roots
 
     def _generate(self, prompts: list):

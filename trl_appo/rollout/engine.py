@@ -88,11 +88,13 @@ class Rollout:
 @dataclass
 class Fork:
     """One online branch (`RolloutEngine.run_tree`): its root's index, how many completion tokens it shares with the
-    root (0: it starts from the prompt) and its rollout (`prefix_length` == `shared`)."""
+    root (0: it starts from the prompt), its rollout (`prefix_length` == `shared`), and whether it was late (its root
+    ended before the planned tool result, so it forked at the last one and decoded after the root's calls)."""
 
     root: int
     shared: int
     rollout: Rollout
+    late: bool = False
 
 
 @dataclass
@@ -240,7 +242,7 @@ class RolloutEngine:
             raise ValueError("fork_after counts tool results: every entry must be >= 1")
         roots = [self._start_row(list(p), None) for p in prompt_ids]
         plans = {i: sorted(ks) for i, ks in enumerate(fork_after) if ks}
-        made: dict[int, list[tuple[int, _Row]]] = {i: [] for i in plans}
+        made: dict[int, list[tuple[int, _Row, bool]]] = {i: [] for i in plans}
 
         def fork(rows: list[_Row]) -> None:
             for i in list(plans):
@@ -254,14 +256,14 @@ class RolloutEngine:
                     prefix = Prefix(root.completion_ids[:end], root.model_mask[:end],
                                     None if root.logprobs is None else root.logprobs[:end])
                     row = self._start_row(root.prompt_ids, prefix if end else None)
-                    made[i].append((end, row))
+                    made[i].append((end, row, k > results))
                     rows.append(row)
                 if not plans[i]:
                     del plans[i]
 
         rows = list(roots)
         self._loop(rows, group_size, on_turn=fork)
-        forks = [Fork(i, end, self._finish(row)) for i in sorted(made) for end, row in made[i]]
+        forks = [Fork(i, end, self._finish(row), late) for i in sorted(made) for end, row, late in made[i]]
         return [self._finish(r) for r in roots], forks
 
     def _loop(self, rows: list[_Row], first_turn_group: int,

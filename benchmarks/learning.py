@@ -582,8 +582,8 @@ def decoded_tokens(history) -> float:
 
 def logged_tool_calls(history, args) -> float:
     """The roots' tool calls as far as the log tells: `appo/root/tool_calls_per_rollout` times the roots of one
-    generation batch. Branch calls cannot be recovered from the log (no branch count is logged); the benchmark
-    counts every call in its tool instead (`tool_calls`)."""
+    generation batch (the curves' `tool_calls_logged`). The benchmark counts every call, branches' included, in its
+    tool (`tool_calls`); the budget log has both too (`appo/budget/tool_calls_{roots,branches}`)."""
     roots = (getattr(args, "num_roots", None) or args.num_generations) * args.per_device_train_batch_size \
         * args.steps_per_generation // args.num_generations
     key = "appo/root/tool_calls_per_rollout"

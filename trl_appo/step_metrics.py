@@ -47,6 +47,14 @@ def rollout_metrics(rollouts: Sequence, gather: Gather, device, prefix: str, wit
     return out
 
 
+def late_fork_frac(forks: Sequence, gather: Gather, device) -> float:
+    """Share of online forks (`rollout.Fork`, all ranks) that were late: their root ended before their tool result, so
+    they forked at its last one and decoded in generate calls of their own (``appo/branch_late_frac``)."""
+    local = torch.tensor([[float(sum(f.late for f in forks)), float(len(forks))]], device=device)
+    late, total = gather(local).sum(dim=0).tolist()
+    return late / total if total else 0.0
+
+
 def step_metrics(*, view, scores, points, branches, branch_rewards, root_rewards, weights, credit, timings,
                  branch_rows, uses_omega: bool, gather: Gather, device, hinted: bool = False) -> dict[str, float]:
     """The step's ``appo/*`` metrics.

@@ -53,7 +53,7 @@ from .branching import StepOutput, StepSettings, whitespace_token_table
 from .config import APPOConfig
 from .rollout.build import build_engine, completions_for_rewards, executed_tool_calls
 from .rollout.stopping import generate_stopping_at, stopping_criteria, strip_stop_padding
-from .step_metrics import budget_metrics, rollout_metrics
+from .step_metrics import budget_metrics, late_fork_frac, rollout_metrics
 
 logger = logging.get_logger(__name__)
 
@@ -470,10 +470,9 @@ class APPOTrainer(GRPOTrainer):
         self._appo_handoff.put("online_forks", per_root)
         # Forks whose root ended before their k-th result start at its last one, in generate calls of their own:
         # a high share means max_tool_calls is well above the calls rollouts make (all ranks).
-        late = torch.tensor([[float(sum(f.late for f in forks)), float(len(forks))]], device=self.accelerator.device)
-        late, total = self.accelerator.gather(late).sum(dim=0).tolist()
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["appo/branch_late_frac"].append(late / total if total else 0.0)
+        self._metrics[mode]["appo/branch_late_frac"].append(
+            late_fork_frac(forks, self.accelerator.gather, self.accelerator.device))
         return roots
 
     def _generate(self, prompts: list):
